@@ -1,0 +1,3 @@
+from sqlproxy.cli import main
+
+main()

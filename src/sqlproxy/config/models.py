@@ -1,0 +1,265 @@
+"""Typed configuration: one TOML file, validated here. Unknown keys are errors (a typo must not
+silently weaken a policy)."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from enum import StrEnum
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]*$")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerConfig(Strict):
+    http_host: str = "127.0.0.1"
+    http_port: Annotated[int, Field(ge=0, le=65535)] = 8080
+    wire_host: str = "127.0.0.1"
+    wire_port: Annotated[int, Field(ge=0, le=65535)] = 6432
+    wire_enabled: bool = True
+    # Largest request body (HTTP) and SQL text accepted, in bytes.
+    max_request_bytes: Annotated[int, Field(ge=1024)] = 1_048_576
+    max_sql_bytes: Annotated[int, Field(ge=64)] = 262_144
+    # Where the proxy keeps its own state (audit store, chain head) when paths are relative.
+    state_dir: str = "var"
+
+
+class DatabaseConfig(Strict):
+    """An upstream PostgreSQL database. Clients name it by the key under [databases]."""
+
+    dsn: str = Field(description="libpq URL of the upstream, with the proxy's own credentials")
+    pool_min: Annotated[int, Field(ge=0, le=1000)] = 1
+    pool_max: Annotated[int, Field(ge=1, le=1000)] = 10
+    connect_timeout_s: Annotated[float, Field(gt=0, le=300)] = 5.0
+    statement_timeout_ms: Annotated[int, Field(ge=0)] = 30_000
+    max_result_rows: Annotated[int, Field(ge=1)] = 10_000
+    search_path: tuple[str, ...] = ("public",)
+    # Optional region tag (data residency, later).
+    region: str | None = None
+
+    @model_validator(mode="after")
+    def _pool_bounds(self) -> DatabaseConfig:
+        if self.pool_min > self.pool_max:
+            raise ValueError(f"pool_min ({self.pool_min}) is larger than pool_max ({self.pool_max})")
+        return self
+
+    @field_validator("dsn")
+    @classmethod
+    def _dsn_scheme(cls, v: str) -> str:
+        if not v.startswith(("postgresql://", "postgres://")):
+            raise ValueError("must be a postgresql:// URL")
+        return v
+
+
+class UserConfig(Strict):
+    """A user. Identity comes only from a secret: an API key (HTTP, WebSocket) or a password (wire).
+
+    Secrets are never stored in clear: ``api_key_sha256`` holds the hex SHA-256 of the key
+    (``sqlproxy hash-key`` prints it), or ``api_key_env`` names an environment variable holding the
+    key itself. ``password`` is a PostgreSQL SCRAM-SHA-256 verifier (``SCRAM-SHA-256$...``) or an
+    MD5 hash (``md5...``), as in pg_authid.
+    """
+
+    roles: tuple[str, ...] = ()
+    attributes: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    api_key_sha256: str | None = None
+    api_key_env: str | None = None
+    password: str | None = None
+    allowed_cidrs: tuple[str, ...] = ()
+    disabled: bool = False
+
+    @field_validator("api_key_sha256")
+    @classmethod
+    def _hex(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[0-9a-f]{64}", v):
+            raise ValueError("must be 64 lower-case hex digits (sqlproxy hash-key KEY prints it)")
+        return v
+
+    @field_validator("password")
+    @classmethod
+    def _verifier(cls, v: str | None) -> str | None:
+        if v is not None and not (v.startswith("SCRAM-SHA-256$") or re.fullmatch(r"md5[0-9a-f]{32}", v)):
+            raise ValueError("must be a SCRAM-SHA-256 verifier or an md5 hash (sqlproxy hash-password)")
+        return v
+
+    @field_validator("allowed_cidrs")
+    @classmethod
+    def _cidrs(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for c in v:
+            try:
+                ipaddress.ip_network(c, strict=False)
+            except ValueError as e:
+                raise ValueError(f"{c!r} is not an IP network: {e}") from None
+        return v
+
+
+class RoleConfig(Strict):
+    description: str = ""
+    # May use the admin endpoints and read every user's audit records.
+    admin: bool = False
+    # May read every user's audit records (auditors), without the admin endpoints.
+    audit_all: bool = False
+
+
+class Action(StrEnum):
+    ALLOW = "allow"
+    BLOCK = "block"
+    MASK = "mask"
+
+
+class MaskKind(StrEnum):
+    REDACT = "redact"  # the whole value replaced by a fixed marker
+    PARTIAL = "partial"  # keep a little (last 4 digits, e-mail domain)
+    HASH = "hash"  # keyed hash: joins still work, values do not show
+    NULL = "null"
+
+
+class PolicyRule(Strict):
+    """One rule. Scope narrows from database to column; ``*`` matches anything at that level,
+    and glob patterns (``order*``) are allowed. The most specific matching rule wins; at equal
+    specificity block beats allow; no matching rule means deny."""
+
+    name: str
+    description: str = ""
+    users: tuple[str, ...] = ()
+    roles: tuple[str, ...] = ()
+    database: str = "*"
+    schema_: str = Field(default="*", alias="schema")
+    table: str = "*"
+    columns: tuple[str, ...] = ()
+    # Access modes on relations: read, insert, update, delete, truncate, ddl; "*" for all.
+    access: tuple[str, ...] = ("*",)
+    # Statement kinds or categories (read, dml, ddl, utility); "*" for all. Dangerous statements
+    # and functions are never matched by "*": a rule must name them.
+    statements: tuple[str, ...] = ("*",)
+    # Functions this rule allows or blocks by name (for dangerous functions).
+    functions: tuple[str, ...] = ()
+    action: Action
+    mask: MaskKind | None = None
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _coherent(self) -> PolicyRule:
+        if not self.users and not self.roles:
+            raise ValueError("a rule must name users or roles (use users = ['*'] for everyone)")
+        if self.action is Action.MASK:
+            if not self.columns:
+                raise ValueError("action 'mask' needs columns")
+            if self.mask is None:
+                raise ValueError("action 'mask' needs mask = redact | partial | hash | null")
+        elif self.mask is not None:
+            raise ValueError("mask is only valid with action = 'mask'")
+        if self.columns and self.table == "*":
+            raise ValueError("columns need a table (or a table pattern)")
+        return self
+
+
+class RowFilter(Strict):
+    """A predicate ANDed onto every reference to the table, for the named users/roles.
+    ``{user.NAME}`` in the predicate is replaced by the user's attribute NAME as a quoted SQL
+    literal (``{user.name}`` is the user name)."""
+
+    name: str
+    users: tuple[str, ...] = ()
+    roles: tuple[str, ...] = ()
+    database: str = "*"
+    schema_: str = Field(default="public", alias="schema")
+    table: str
+    predicate: str
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _who(self) -> RowFilter:
+        if not self.users and not self.roles:
+            raise ValueError("a row filter must name users or roles")
+        return self
+
+
+class ColumnClassification(Strict):
+    """Declares that columns matching the pattern (``schema.table.column`` globs) hold a class."""
+
+    columns: str
+    classification: str
+
+
+class ClassificationConfig(Strict):
+    enabled: bool = True
+    rules: tuple[ColumnClassification, ...] = ()
+    # How many result rows value detectors look at.
+    sample_rows: Annotated[int, Field(ge=0, le=10_000)] = 20
+    # Fraction of non-null sampled values that must match for a column to be classified.
+    min_match_ratio: Annotated[float, Field(gt=0, le=1)] = 0.6
+
+
+class AuditConfig(Strict):
+    jsonl_path: str | None = "audit/audit.jsonl"
+    rotate_bytes: Annotated[int, Field(ge=4096)] = 64 * 1024 * 1024
+    keep_files: Annotated[int, Field(ge=1)] = 10
+    # sqlite:///path (relative to state_dir) or postgresql://...
+    store: str = "sqlite:///audit/audit.db"
+    # The HMAC key for the hash chain: from an environment variable or a file; when neither is
+    # given a key is generated once into state_dir/audit/chain.key.
+    hmac_key_env: str | None = None
+    hmac_key_file: str | None = None
+    redact_literals: bool = False
+    queue_size: Annotated[int, Field(ge=1)] = 10_000
+    batch_size: Annotated[int, Field(ge=1)] = 500
+
+
+class AuthConfig(Strict):
+    lockout_threshold: Annotated[int, Field(ge=1)] = 5
+    lockout_window_s: Annotated[float, Field(gt=0)] = 300.0
+    lockout_duration_s: Annotated[float, Field(gt=0)] = 300.0
+
+
+class ProxyConfig(Strict):
+    server: ServerConfig = ServerConfig()
+    databases: dict[str, DatabaseConfig] = Field(default_factory=dict)
+    default_database: str | None = None
+    users: dict[str, UserConfig] = Field(default_factory=dict)
+    roles: dict[str, RoleConfig] = Field(default_factory=dict)
+    policies: tuple[PolicyRule, ...] = ()
+    row_filters: tuple[RowFilter, ...] = ()
+    classification: ClassificationConfig = ClassificationConfig()
+    audit: AuditConfig = AuditConfig()
+    auth: AuthConfig = AuthConfig()
+    # With no [databases], start an embedded PostgreSQL with the demo schema ("demo"), or refuse.
+    embedded: Literal["demo", "off"] = "demo"
+
+    @model_validator(mode="after")
+    def _references(self) -> ProxyConfig:
+        for uname, u in self.users.items():
+            if not _NAME.match(uname):
+                raise ValueError(f"users.{uname}: not a valid user name")
+            for r in u.roles:
+                if r not in self.roles:
+                    raise ValueError(f"users.{uname}.roles: unknown role {r!r}")
+        if self.default_database is not None and self.default_database not in self.databases:
+            raise ValueError(f"default_database: {self.default_database!r} is not under [databases]")
+        names: set[str] = set()
+        for i, p in enumerate(self.policies):
+            if p.name in names:
+                raise ValueError(f"policies.{i}.name: duplicate rule name {p.name!r}")
+            names.add(p.name)
+            for r in p.roles:
+                if r != "*" and r not in self.roles:
+                    raise ValueError(f"policies.{i}.roles: unknown role {r!r}")
+        return self
+
+    def database_names(self) -> list[str]:
+        return list(self.databases)
+
+    def resolve_database(self, name: str | None) -> str | None:
+        if name:
+            return name if name in self.databases else None
+        if self.default_database:
+            return self.default_database
+        return next(iter(self.databases), None)

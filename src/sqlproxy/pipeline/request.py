@@ -1,0 +1,60 @@
+"""One request through the pipeline: what a door hands in, and what the stages fill in."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sqlproxy.auth.users import Identity
+    from sqlproxy.execute.upstream import StatementResult, Upstream
+    from sqlproxy.pipeline.errors import ProxyError
+    from sqlproxy.policy.engine import Decision
+    from sqlproxy.sql.model import Analysis
+
+
+@dataclass(slots=True, eq=False)
+class Request:
+    door: str  # "http", "wire" or "ws"
+    sql: str | None
+    source_ip: str
+    source_port: int | None = None
+    database: str | None = None
+    # HTTP and WebSocket credentials. Never logged, never audited.
+    api_key: str | None = field(default=None, repr=False)
+    # Set by a door that authenticated the client itself (the wire door at startup).
+    identity: Identity | None = None
+    params: list[Any] | None = None
+    max_rows: int | None = None
+    dry_run: bool = False
+    # The wire session's search_path when it has changed it; None means the database default.
+    search_path: tuple[str, ...] | None = None
+    # An error found by the door before the pipeline (unparseable JSON, ...). It is raised after
+    # authentication so the audit record names the user when there is one.
+    preflight_error: ProxyError | None = None
+
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    started: float = field(default_factory=time.perf_counter)
+    started_wall: float = field(default_factory=time.time)
+
+    # Filled in by the stages.
+    upstream: Upstream | None = None
+    analysis: Analysis | None = None
+    decision: Decision | None = None
+    statements: list[str] = field(default_factory=list)
+    rewritten: bool = False
+    results: list[StatementResult] = field(default_factory=list)
+    classifications: list[dict[str, list[str]]] = field(default_factory=list)
+    error: ProxyError | None = None
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def source(self) -> str:
+        return self.source_ip if self.source_port is None else f"{self.source_ip}:{self.source_port}"
+
+    @property
+    def elapsed_ms(self) -> float:
+        return (time.perf_counter() - self.started) * 1000.0

@@ -1,0 +1,235 @@
+"""The running proxy: configuration, the services built from it, and the one pipeline every door
+calls. Derived services (users, policy, classifier) are rebuilt on reload and swapped together;
+a reload that fails leaves everything as it was."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlproxy.audit.chain import load_or_create_key
+from sqlproxy.audit.record import AuditRecord
+from sqlproxy.audit.sinks import JsonlSink, SqliteStore
+from sqlproxy.audit.writer import AuditWriter
+from sqlproxy.auth.users import UserDirectory
+from sqlproxy.classify.classifier import Classifier
+from sqlproxy.config.loader import ConfigHolder
+from sqlproxy.config.models import MaskKind, ProxyConfig
+from sqlproxy.execute.upstream import Upstream
+from sqlproxy.metrics import Metrics
+from sqlproxy.pipeline.pipeline import Pipeline, Stage
+from sqlproxy.pipeline.request import Request
+from sqlproxy.pipeline.stages import standard_stages
+from sqlproxy.policy.engine import Decision, PolicyEngine
+from sqlproxy.sql.cache import AnalysisCache
+from sqlproxy.sql.model import TableName
+from sqlproxy.sql.rewrite import RelationRewrite
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Services:
+    """Everything derived from one configuration, swapped as a unit."""
+
+    config: ProxyConfig
+    users: UserDirectory
+    policy: PolicyEngine
+    classifier: Classifier
+
+
+def build_services(config: ProxyConfig, env: Mapping[str, str]) -> Services:
+    return Services(
+        config=config,
+        users=UserDirectory(config, env),
+        policy=PolicyEngine(config.policies, config.row_filters),
+        classifier=Classifier(config.classification),
+    )
+
+
+class Runtime:
+    def __init__(self, holder: ConfigHolder, env: Mapping[str, str] | None = None) -> None:
+        self.config = holder
+        self.env: Mapping[str, str] = env if env is not None else os.environ
+        cfg = holder.current
+        self.state_dir = Path(cfg.server.state_dir)
+        self.metrics = Metrics()
+        self.analysis_cache = AnalysisCache(maxsize=20_000)
+        self._services = build_services(cfg, self.env)
+        self.upstreams: dict[str, Upstream] = {n: Upstream(n, d) for n, d in cfg.databases.items()}
+        holder.on_change(self._on_config_change)
+        self.audit = self._make_audit_writer(cfg)
+        self.mask_salt = self._load_mask_salt()
+        self.pipeline = Pipeline(self._stages())
+        self._retired: list[Upstream] = []
+
+    def _stages(self) -> list[Stage]:
+        return standard_stages(self)  # type: ignore[return-value]
+
+    # -- services -------------------------------------------------------------------------------
+    @property
+    def users(self) -> UserDirectory:
+        return self._services.users
+
+    @property
+    def policy(self) -> PolicyEngine:
+        return self._services.policy
+
+    @property
+    def classifier(self) -> Classifier:
+        return self._services.classifier
+
+    def _on_config_change(self, old: ProxyConfig, new: ProxyConfig) -> None:
+        services = build_services(new, self.env)  # raises on a bad config: the swap is abandoned
+        self._services = services
+        for name, db in new.databases.items():
+            cur = self.upstreams.get(name)
+            if cur is None or cur.config != db:
+                if cur is not None:
+                    self._retired.append(cur)
+                self.upstreams[name] = Upstream(name, db)
+        for name in list(self.upstreams):
+            if name not in new.databases:
+                self._retired.append(self.upstreams.pop(name))
+
+    def reload(self) -> ProxyConfig:
+        """Re-read the config file; raises ConfigError and keeps the running config if invalid."""
+        try:
+            cfg = self.config.reload()
+        except Exception:
+            self.metrics.reloads.labels("refused").inc()
+            raise
+        self.metrics.reloads.labels("applied").inc()
+        self._close_retired_soon()
+        return cfg
+
+    def _close_retired_soon(self) -> None:
+        retired, self._retired = self._retired, []
+        for up in retired:
+            # Pool.close waits for connections in use to come back, so in-flight requests finish.
+            asyncio.get_running_loop().create_task(up.close())
+
+    def rewrite_directives(self, decision: Decision) -> dict[TableName, RelationRewrite]:
+        out: dict[TableName, RelationRewrite] = {}
+        masks: dict[TableName, dict[str, MaskKind]] = {}
+        for src, kind in decision.masks.items():
+            masks.setdefault(src.table, {})[src.column] = kind
+        for table in set(masks) | set(decision.row_filters):
+            out[table] = RelationRewrite(row_filter=decision.row_filters.get(table), masks=masks.get(table, {}))
+        return out
+
+    def can_read_all_audit(self, roles: frozenset[str], admin: bool) -> bool:
+        cfg = self.config.current
+        return admin or any(cfg.roles[r].audit_all for r in roles if r in cfg.roles)
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def _state_path(self, rel: str) -> Path:
+        p = Path(rel)
+        return p if p.is_absolute() else self.state_dir / p
+
+    def _make_audit_writer(self, cfg: ProxyConfig) -> AuditWriter:
+        a = cfg.audit
+        key = load_or_create_key(
+            env_var=a.hmac_key_env,
+            key_file=self._state_path(a.hmac_key_file) if a.hmac_key_file else None,
+            default_path=self._state_path("audit/chain.key"),
+            env=self.env,
+        )
+        sinks: list[Any] = []
+        if a.jsonl_path:
+            sinks.append(JsonlSink(self._state_path(a.jsonl_path), a.rotate_bytes, a.keep_files))
+        if not a.store.startswith("sqlite:///"):
+            raise ValueError("audit.store: only sqlite:///PATH is supported in this version")
+        store = SqliteStore(self._state_path(a.store[len("sqlite:///") :]))
+        return AuditWriter(sinks=sinks, store=store, key=key, queue_size=a.queue_size, batch_size=a.batch_size)
+
+    def _load_mask_salt(self) -> str:
+        path = self._state_path("mask.salt")
+        if path.exists():
+            return path.read_text().strip()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        salt = secrets.token_hex(16)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(salt)
+        return salt
+
+    async def start(self) -> None:
+        await self.audit.start()
+        await asyncio.gather(*(u.start() for u in self.upstreams.values()))
+
+    async def close(self) -> None:
+        await asyncio.gather(*(u.close() for u in [*self.upstreams.values(), *self._retired]))
+        await self.audit.close()
+
+    # -- requests -------------------------------------------------------------------------------
+    async def handle(self, req: Request) -> Request:
+        return await self.pipeline.run(req)
+
+    async def audit_request(self, req: Request) -> AuditRecord:
+        cfg = self.config.current
+        ident = req.identity
+        a = req.analysis
+        err = req.error
+        results = req.results
+        rows: int | None = None
+        if results:
+            rows = sum(r.row_count for r in results)
+        classifications: dict[str, list[str]] = {}
+        for per_stmt in req.classifications:
+            for col, labels in per_stmt.items():
+                if labels:
+                    classifications[col] = sorted(set(classifications.get(col, [])) | set(labels))
+        if req.sql is None:
+            sql_text = None
+        elif cfg.audit.redact_literals and a is not None:
+            sql_text = a.normalized
+        elif cfg.audit.redact_literals:
+            sql_text = "<unparsed: redacted>"
+        else:
+            sql_text = req.sql
+        decision = req.decision
+        extra = dict(req.extra)
+        if req.dry_run:
+            extra["dry_run"] = True
+        if req.rewritten:
+            extra["rewritten"] = True
+        if err is None:
+            outcome = "allow"
+        else:
+            outcome = err.decision
+        rule = err.rule if err is not None and err.rule else (decision.rule if decision is not None else None)
+        record = AuditRecord.new(
+            id=req.id,
+            user=ident.name if ident is not None else None,
+            roles=sorted(ident.roles) if ident is not None else [],
+            source=req.source,
+            door=req.door,
+            database=req.database,
+            sql=sql_text,
+            fingerprint=a.fingerprint if a is not None else None,
+            statement_kinds=[str(k) for k in a.kinds] if a is not None else [],
+            relations=[
+                {"table": r.table.qualified, "access": str(r.access), "columns": sorted(r.columns)}
+                for r in (a.relations if a is not None else ())
+            ],
+            columns=[o.name for st in (a.statements if a is not None else ()) for o in st.outputs],
+            decision=outcome,
+            rule=rule,
+            reason=(err.message if err is not None else (decision.reason if decision is not None else None)),
+            rows=rows,
+            duration_ms=round(req.elapsed_ms, 3),
+            classifications=classifications,
+            sqlstate=err.sqlstate if err is not None else None,
+            error=err.message if err is not None else None,
+            extra=extra,
+        )
+        final = await self.audit.submit(record)
+        self.metrics.audit_queue.set(self.audit.queue_depth)
+        return final

@@ -1,0 +1,62 @@
+"""Running the proxy: the runtime, the HTTP door on uvicorn, SIGHUP reload, clean shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import AsyncIterator, Mapping
+
+import uvicorn
+from fastapi import FastAPI
+
+from sqlproxy.config.loader import ConfigError, ConfigHolder
+from sqlproxy.http.app import create_app
+from sqlproxy.runtime import Runtime
+
+log = logging.getLogger("sqlproxy")
+
+
+def build_app(holder: ConfigHolder, env: Mapping[str, str] | None = None) -> FastAPI:
+    runtime = Runtime(holder, env)
+    app = create_app(runtime)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await runtime.start()
+        loop = asyncio.get_running_loop()
+
+        def on_hup() -> None:
+            try:
+                runtime.reload()
+                log.info("configuration reloaded from %s", holder.path)
+            except ConfigError as e:
+                log.error("reload refused, running configuration unchanged:\n%s", e)
+
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signal.SIGHUP, on_hup)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.remove_signal_handler(signal.SIGHUP)
+            await runtime.close()
+
+    app.router.lifespan_context = lifespan
+    return app
+
+
+def serve(holder: ConfigHolder, env: Mapping[str, str] | None = None, log_level: str = "info") -> None:
+    cfg = holder.current
+    app = build_app(holder, env)
+    config = uvicorn.Config(
+        app,
+        host=cfg.server.http_host,
+        port=cfg.server.http_port,
+        log_level=log_level,
+        loop="uvloop",
+        access_log=False,  # the audit log is the access log; uvicorn's would print query strings
+        timeout_graceful_shutdown=10,
+    )
+    uvicorn.Server(config).run()
