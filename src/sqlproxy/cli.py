@@ -48,7 +48,9 @@ def _load(path: Path):  # type: ignore[no-untyped-def]
     try:
         return load_config(path)
     except ConfigError as e:
-        err.print(f"[red]{e}[/red]", highlight=False)
+        err.print(f"[red]invalid configuration in {path}:[/red]", highlight=False)
+        for p in e.problems:
+            err.print(f"  - {p}", highlight=False, markup=False)
         raise typer.Exit(2) from None
 
 
@@ -80,9 +82,9 @@ def serve(
 
 @app.command()
 def demo(
-    state_dir: Annotated[Path, typer.Option(help="Where the embedded PostgreSQL, keys and audit live.")] = Path(
-        "var/demo"
-    ),
+    state_dir: Annotated[
+        Path, typer.Option(help="Where the embedded PostgreSQL, keys and audit live.")
+    ] = Path("var/demo"),
     http_port: Annotated[int, typer.Option(help="HTTP port.")] = 8080,
 ) -> None:
     """Start an embedded PostgreSQL with the demo schema and run the proxy on it with demo users."""
@@ -97,13 +99,21 @@ def config_check(path: Annotated[Path, typer.Argument(help="The TOML file to val
     """Validate a configuration file; every problem is reported with its key path."""
     cfg = _load(path)
     from sqlproxy.auth.users import UserDirectory
+    from sqlproxy.classify.classifier import Classifier
+    from sqlproxy.config.loader import ConfigError
     from sqlproxy.policy.engine import PolicyEngine
 
     try:
         UserDirectory(cfg, os.environ)
         PolicyEngine(cfg.policies, cfg.row_filters)
-    except Exception as e:
-        err.print(f"[red]invalid configuration in {path}: {e}[/red]", highlight=False)
+        Classifier(cfg.classification)
+    except ConfigError as e:
+        err.print(f"[red]invalid configuration in {path}:[/red]", highlight=False)
+        for p in e.problems:
+            err.print(f"  - {p}", highlight=False, markup=False)
+        raise typer.Exit(2) from None
+    except ValueError as e:
+        err.print(f"invalid configuration in {path}: {e}", highlight=False, markup=False)
         raise typer.Exit(2) from None
     out.print(
         f"[green]ok[/green]: {len(cfg.databases)} database(s), {len(cfg.users)} user(s), "
@@ -126,7 +136,7 @@ def analyze(
     from sqlproxy.sql.catalog import Catalog
     from sqlproxy.sql.model import SqlSyntaxError
 
-    catalog = Catalog.empty()
+    catalog = Catalog.from_relations(())
     path = tuple(p.strip() for p in search_path.split(",") if p.strip())
     if config is not None:
         cfg = _load(config)
@@ -149,12 +159,18 @@ def analyze(
                 "kind": str(st.kind),
                 "category": st.category,
                 "relations": [
-                    {"table": r.table.qualified, "access": str(r.access), "columns": sorted(r.columns),
-                     "known": r.known}
+                    {
+                        "table": r.table.qualified,
+                        "access": str(r.access),
+                        "columns": sorted(r.columns),
+                        "known": r.known,
+                    }
                     for r in st.relations
                 ],
-                "outputs": [{"name": o.name, "sources": sorted(str(s) for s in o.sources), "direct": o.direct}
-                            for o in st.outputs],
+                "outputs": [
+                    {"name": o.name, "sources": sorted(str(s) for s in o.sources), "direct": o.direct}
+                    for o in st.outputs
+                ],
                 "functions": sorted(st.functions),
                 "dangers": sorted(st.dangers),
             }
@@ -180,7 +196,7 @@ async def _fetch_catalog(dsn: str):  # type: ignore[no-untyped-def]
 def audit_verify(config: ConfigOpt) -> None:
     """Verify the audit hash chain (store and JSONL files): detects modified, deleted, inserted,
     reordered and truncated records. Exit status 1 when tampering is found."""
-    from sqlproxy.audit.verify import verify_configured
+    from sqlproxy.audit.configured import verify_configured
 
     cfg = _load(config)
     report = verify_configured(cfg, os.environ)
@@ -211,7 +227,8 @@ def hash_password(
     md5: Annotated[bool, typer.Option(help="Print an md5 hash instead of a SCRAM-SHA-256 verifier.")] = False,
 ) -> None:
     """Print a password verifier for users.NAME.password (the password is prompted for)."""
-    from sqlproxy.protocol.scram import make_verifier, md5_password_hash
+    from sqlproxy.protocol.md5 import md5_password_hash
+    from sqlproxy.protocol.scram import make_verifier
 
     pw = getpass.getpass("password: ") if sys.stdin.isatty() else sys.stdin.readline().rstrip("\n")
     if not pw:

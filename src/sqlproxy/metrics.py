@@ -22,24 +22,39 @@ class Metrics:
             "sqlproxy_requests", "Requests by door and decision", ["door", "decision"], registry=r
         )
         self.latency = Histogram(
-            "sqlproxy_request_seconds", "Request latency by door", ["door"], buckets=_LATENCY_BUCKETS, registry=r
+            "sqlproxy_request_seconds",
+            "Request latency by door",
+            ["door"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.stage = Histogram(
-            "sqlproxy_stage_seconds", "Time spent per pipeline stage", ["stage"], buckets=_STAGE_BUCKETS, registry=r
+            "sqlproxy_stage_seconds",
+            "Time spent per pipeline stage",
+            ["stage"],
+            buckets=_STAGE_BUCKETS,
+            registry=r,
         )
-        self.pool_size = Gauge("sqlproxy_pool_connections", "Upstream pool connections", ["database", "state"],
-                               registry=r)
-        self.audit_queue = Gauge("sqlproxy_audit_queue_depth", "Audit records waiting for the sinks", registry=r)
-        self.audit_written = Gauge("sqlproxy_audit_records_written", "Audit records written since start",
-                                   registry=r)
-        self.audit_failures = Gauge("sqlproxy_audit_sink_failures", "Audit sink write failures since start",
-                                    registry=r)
+        self.pool_size = Gauge(
+            "sqlproxy_pool_connections", "Upstream pool connections", ["database", "state"], registry=r
+        )
+        self.audit_queue = Gauge(
+            "sqlproxy_audit_queue_depth", "Audit records waiting for the sinks", registry=r
+        )
+        self.audit_written = Gauge(
+            "sqlproxy_audit_records_written", "Audit records written since start", registry=r
+        )
+        self.audit_failures = Gauge(
+            "sqlproxy_audit_sink_failures", "Audit sink write failures since start", registry=r
+        )
         self.cache_hits = Gauge("sqlproxy_analysis_cache_hits", "Analysis cache hits since start", registry=r)
-        self.cache_misses = Gauge("sqlproxy_analysis_cache_misses", "Analysis cache misses since start",
-                                  registry=r)
+        self.cache_misses = Gauge(
+            "sqlproxy_analysis_cache_misses", "Analysis cache misses since start", registry=r
+        )
         self.reloads = Counter("sqlproxy_config_reloads", "Configuration reloads", ["result"], registry=r)
-        self.upstream_up = Gauge("sqlproxy_upstream_up", "Upstream readiness (1 ready, 0 not)", ["database"],
-                                 registry=r)
+        self.upstream_up = Gauge(
+            "sqlproxy_upstream_up", "Upstream readiness (1 ready, 0 not)", ["database"], registry=r
+        )
 
     def observe_request(self, req: Request) -> None:
         decision = req.error.decision if req.error is not None else "allow"

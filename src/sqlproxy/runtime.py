@@ -44,10 +44,15 @@ class Services:
     classifier: Classifier
 
 
-def build_services(config: ProxyConfig, env: Mapping[str, str]) -> Services:
+def build_services(config: ProxyConfig, env: Mapping[str, str], previous: Services | None = None) -> Services:
+    # Lockout state survives a reload when its settings did not change: a reload must not be a
+    # way to reset an attacker's failure count.
+    lockout = None
+    if previous is not None and previous.config.auth == config.auth:
+        lockout = previous.users.lockout
     return Services(
         config=config,
-        users=UserDirectory(config, env),
+        users=UserDirectory(config, env, lockout=lockout),
         policy=PolicyEngine(config.policies, config.row_filters),
         classifier=Classifier(config.classification),
     )
@@ -86,7 +91,7 @@ class Runtime:
         return self._services.classifier
 
     def _on_config_change(self, old: ProxyConfig, new: ProxyConfig) -> None:
-        services = build_services(new, self.env)  # raises on a bad config: the swap is abandoned
+        services = build_services(new, self.env, self._services)  # raises on a bad config: no swap
         self._services = services
         for name, db in new.databases.items():
             cur = self.upstreams.get(name)
@@ -121,7 +126,9 @@ class Runtime:
         for src, kind in decision.masks.items():
             masks.setdefault(src.table, {})[src.column] = kind
         for table in set(masks) | set(decision.row_filters):
-            out[table] = RelationRewrite(row_filter=decision.row_filters.get(table), masks=masks.get(table, {}))
+            out[table] = RelationRewrite(
+                row_filter=decision.row_filters.get(table), masks=masks.get(table, {})
+            )
         return out
 
     def can_read_all_audit(self, roles: frozenset[str], admin: bool) -> bool:
@@ -147,7 +154,9 @@ class Runtime:
         if not a.store.startswith("sqlite:///"):
             raise ValueError("audit.store: only sqlite:///PATH is supported in this version")
         store = SqliteStore(self._state_path(a.store[len("sqlite:///") :]))
-        return AuditWriter(sinks=sinks, store=store, key=key, queue_size=a.queue_size, batch_size=a.batch_size)
+        return AuditWriter(
+            sinks=sinks, store=store, key=key, queue_size=a.queue_size, batch_size=a.batch_size
+        )
 
     def _load_mask_salt(self) -> str:
         path = self._state_path("mask.salt")
@@ -200,10 +209,7 @@ class Runtime:
             extra["dry_run"] = True
         if req.rewritten:
             extra["rewritten"] = True
-        if err is None:
-            outcome = "allow"
-        else:
-            outcome = err.decision
+        outcome = "allow" if err is None else err.decision
         rule = err.rule if err is not None and err.rule else (decision.rule if decision is not None else None)
         record = AuditRecord.new(
             id=req.id,

@@ -38,8 +38,9 @@ class Detector(Protocol):
 class RegexDetector:
     """A precompiled pattern that must match the whole (stripped) string, then a validator.
 
-    ``min_len``/``max_len`` bound the stripped length before the regex runs: most cells are
-    rejected by that test alone, and it caps the work any backtracking can do.
+    ``min_len``/``max_len`` bound the stripped length before the regex runs, and ``prefilter`` is
+    a cheap test on the stripped string: classification runs on every result, and most cells are
+    rejected by these alone. The length bound also caps the work any backtracking can do.
     """
 
     label: str
@@ -47,12 +48,15 @@ class RegexDetector:
     validate: Callable[[re.Match[str]], bool] | None = None
     min_len: int = 1
     max_len: int = 64
+    prefilter: Callable[[str], bool] | None = None
 
     def matches(self, value: object) -> bool:
         if not isinstance(value, str):
             return False
         s = value.strip()
         if not self.min_len <= len(s) <= self.max_len:
+            return False
+        if self.prefilter is not None and not self.prefilter(s):
             return False
         m = self.pattern.fullmatch(s)
         if m is None:
@@ -84,21 +88,26 @@ def _valid_email(m: re.Match[str]) -> bool:
 # parentheses), so ids, totals and bare digit strings never match:
 #   international: "+" country code, then digit groups with optional single separators and at
 #     most one parenthesised group: +14155552671, +44 20 7946 0958, +1 (555) 123-4567;
-#   NANP: (555) 123-4567, 555-123-4567, 555.123.4567, 1-555-123-4567;
+#   NANP: (555) 123-4567, 555-123-4567, 555.123.4567, 555 123 4567, 1-555-123-4567;
 #   national with a trunk 0 and space-separated groups: 020 7946 0958, 01 23 45 67 89,
 #     (030) 1234 5678. Dashes are left out of this shape because 0NN-NN-NNNN would then also
 #     read as an SSN-like identifier.
 _PHONE_RE = re.compile(
     r"(?P<intl>\+[1-9]\d{0,2}(?:[ .-]?\(\d{1,4}\))?(?:[ .-]?\d{1,5}){1,6})"
     r"|(?P<nanp>(?:1[ .-]?)?(?:\([2-9]\d{2}\) ?|[2-9]\d{2}[ .-])\d{3}[ .-]\d{4})"
-    r"|(?P<natl>(?:\(0\d{1,4}\)|0\d{1,4})(?: \d{2,8}){1,4})"
+    r"|(?P<natl>(?:\(0\d{1,4}\)|0\d{1,4})(?: \d{2,8}){1,4})",
+    re.ASCII,  # without it \d also matches Arabic-Indic and other Unicode digits
 )
-# Dates in the common numeric layouts, optionally followed by a time. The phone shapes above
-# exclude most dates already; this is the backstop for the ones that fit a national shape.
-_YMD_RE = re.compile(r"(?P<y>\d{4})(?P<sep>[-/. ])(?P<m>\d{1,2})(?P=sep)(?P<d>\d{1,2})(?:[ T].*)?")
-_DMY_RE = re.compile(r"(?P<a>\d{1,2})(?P<sep>[-/. ])(?P<b>\d{1,2})(?P=sep)(?P<y>\d{2}|\d{4})(?:[ T].*)?")
+# Dates in the common numeric layouts. The phone shapes above already exclude the dates we know
+# of (too few digits, wrong grouping); this keeps the "never a date" promise if they are loosened.
+_YMD_RE = re.compile(
+    r"(?P<y>\d{4})(?P<sep>[-/. ])(?P<m>\d{1,2})(?P=sep)(?P<d>\d{1,2})(?:[ T]\d{1,2}:\d{2}.*)?", re.ASCII
+)
+_DMY_RE = re.compile(
+    r"(?P<a>\d{1,2})(?P<sep>[-/. ])(?P<b>\d{1,2})(?P=sep)(?P<y>\d{2}|\d{4})(?:[ T]\d{1,2}:\d{2}.*)?", re.ASCII
+)
 # "+1234567.89": a signed decimal, not a dotted phone number.
-_SIGNED_DECIMAL_RE = re.compile(r"\+\d+\.\d+")
+_SIGNED_DECIMAL_RE = re.compile(r"\+\d+\.\d+", re.ASCII)
 
 
 def _looks_like_date(text: str) -> bool:
@@ -127,7 +136,7 @@ def _valid_phone(m: re.Match[str]) -> bool:
 
 # -- SSN ---------------------------------------------------------------------------------------
 
-_SSN_RE = re.compile(r"(?P<area>\d{3})-(?P<group>\d{2})-(?P<serial>\d{4})")
+_SSN_RE = re.compile(r"(?P<area>\d{3})-(?P<group>\d{2})-(?P<serial>\d{4})", re.ASCII)
 
 
 def _valid_ssn(m: re.Match[str]) -> bool:
@@ -144,7 +153,7 @@ def _valid_ssn(m: re.Match[str]) -> bool:
 
 # -- credit card -------------------------------------------------------------------------------
 
-_CARD_RE = re.compile(r"\d(?:[ -]?\d){12,18}")
+_CARD_RE = re.compile(r"\d(?:[ -]?\d){12,18}", re.ASCII)
 
 
 def luhn_valid(digits: str) -> bool:
@@ -185,12 +194,24 @@ _IIN_TABLE: tuple[tuple[int, int, int, frozenset[int]], ...] = (
 )
 
 
+# The table as 4-digit ranges per length (a 2-digit range 51-55 is 5100-5599), for one lookup.
+_IIN_BY_LENGTH: dict[int, tuple[tuple[int, int], ...]] = {
+    n: tuple(
+        (low * 10 ** (4 - plen), (high + 1) * 10 ** (4 - plen))
+        for plen, low, high, lengths in _IIN_TABLE
+        if n in lengths
+    )
+    for n in range(13, 20)
+}
+
+
 def known_iin(digits: str) -> bool:
-    n = len(digits)
-    for plen, low, high, lengths in _IIN_TABLE:
-        if n in lengths and low <= int(digits[:plen]) <= high:
-            return True
-    return False
+    """Whether a digit string has the prefix and length of a card network's numbers."""
+    ranges = _IIN_BY_LENGTH.get(len(digits))
+    if not ranges or not digits.isascii() or not digits.isdigit():
+        return False
+    head = int(digits[:4])
+    return any(low <= head < high for low, high in ranges)
 
 
 def _valid_card(m: re.Match[str]) -> bool:
@@ -205,7 +226,10 @@ def _valid_card(m: re.Match[str]) -> bool:
 
 # -- IP address --------------------------------------------------------------------------------
 
-_IP_CHARS = re.compile(r"[0-9A-Fa-f.:/%A-Za-z_-]{2,100}")
+_ADDRESS_TYPES = (ipaddress.IPv4Address, ipaddress.IPv6Address)
+_NETWORK_TYPES = (ipaddress.IPv4Network, ipaddress.IPv6Network)
+# Hex digits, separators, and the letters of a zone id ("fe80::1%eth0").
+_IP_CHARS = re.compile(r"[0-9A-Za-z.:/%_-]{2,100}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,10 +241,10 @@ class IPAddressDetector:
     label: str = IP_ADDRESS
 
     def matches(self, value: object) -> bool:
-        if isinstance(value, ipaddress.IPv4Address | ipaddress.IPv6Address):
+        if isinstance(value, _ADDRESS_TYPES):
             # IPv4Interface/IPv6Interface subclass the address types.
             return True
-        if isinstance(value, ipaddress.IPv4Network | ipaddress.IPv6Network):
+        if isinstance(value, _NETWORK_TYPES):
             return value.num_addresses == 1
         if not isinstance(value, str):
             return False
@@ -243,10 +267,15 @@ class IPAddressDetector:
 
 def default_detectors() -> tuple[Detector, ...]:
     return (
-        RegexDetector(EMAIL, _EMAIL_RE, _valid_email, min_len=6, max_len=254),
-        RegexDetector(PHONE, _PHONE_RE, _valid_phone, min_len=9, max_len=32),
-        RegexDetector(SSN, _SSN_RE, _valid_ssn, min_len=11, max_len=11),
-        RegexDetector(CREDIT_CARD, _CARD_RE, _valid_card, min_len=13, max_len=37),
+        RegexDetector(EMAIL, _EMAIL_RE, _valid_email, 6, 254, lambda s: "@" in s),
+        RegexDetector(
+            PHONE, _PHONE_RE, _valid_phone, 9, 32, lambda s: s[0] in "+(0123456789" and s[-1].isdigit()
+        ),
+        RegexDetector(SSN, _SSN_RE, _valid_ssn, 11, 11, lambda s: s[3] == "-"),
+        # Every network in the IIN table starts with 2, 3, 4, 5 or 6.
+        RegexDetector(
+            CREDIT_CARD, _CARD_RE, _valid_card, 13, 37, lambda s: s[0] in "23456" and s[-1].isdigit()
+        ),
         IPAddressDetector(),
     )
 
@@ -279,7 +308,10 @@ class DetectorRegistry:
         return frozenset(d.label for d in self._detectors if d.matches(value))
 
 
+_DEFAULTS = default_detectors()
+
+
 def detect(value: object, detectors: Iterable[Detector] | None = None) -> frozenset[str]:
     """Labels the default (or given) detectors find in one value."""
-    ds = default_detectors() if detectors is None else detectors
+    ds = _DEFAULTS if detectors is None else detectors
     return frozenset(d.label for d in ds if d.matches(value))

@@ -42,11 +42,16 @@ class StatementResult:
 
 def _row_count_from_tag(tag: str) -> int:
     parts = tag.split()
-    if parts and parts[-1].isdigit() and parts[0] in {"INSERT", "UPDATE", "DELETE", "MERGE", "SELECT", "COPY",
-                                                      "MOVE", "FETCH"}:
+    if (
+        parts
+        and parts[-1].isdigit()
+        and parts[0] in {"INSERT", "UPDATE", "DELETE", "MERGE", "SELECT", "COPY", "MOVE", "FETCH"}
+    ):
         return int(parts[-1])
     return 0
 
+
+_SETUP_SQL = "SELECT set_config('statement_timeout', $1, true), set_config('sqlproxy.user', $2, true)"
 
 _CONNECTION_ERRORS = (
     OSError,
@@ -163,14 +168,18 @@ class Upstream:
     def pool_stats(self) -> dict[str, int]:
         if self._pool is None:
             return {"size": 0, "idle": 0, "max": self.config.pool_max}
-        return {"size": self._pool.get_size(), "idle": self._pool.get_idle_size(), "max": self.config.pool_max}
+        return {
+            "size": self._pool.get_size(),
+            "idle": self._pool.get_idle_size(),
+            "max": self.config.pool_max,
+        }
 
     async def close(self) -> None:
         if self._pool is not None:
             pool, self._pool = self._pool, None
             try:
                 await asyncio.wait_for(pool.close(), timeout=10)
-            except (TimeoutError, asyncio.TimeoutError):
+            except TimeoutError:
                 pool.terminate()
 
     async def run(
@@ -189,17 +198,12 @@ class Upstream:
         timeout = self.config.statement_timeout_ms if timeout_ms is None else timeout_ms
         results: list[StatementResult] = []
         try:
-            async with pool.acquire(timeout=self.config.connect_timeout_s) as conn:
-                async with conn.transaction():
-                    # One round trip for both settings; is_local=true scopes them to this transaction.
-                    await conn.execute(
-                        "SELECT set_config('statement_timeout', $1, true), set_config('sqlproxy.user', $2, true)",
-                        str(timeout),
-                        user,
-                    )
-                    for sql in statements:
-                        args = tuple(params) if params and len(statements) == 1 else ()
-                        results.append(await self._run_one(conn, sql, cap, args))
+            async with pool.acquire(timeout=self.config.connect_timeout_s) as conn, conn.transaction():
+                # One round trip for both settings; is_local=true scopes them to this transaction.
+                await conn.execute(_SETUP_SQL, str(timeout), user)
+                for sql in statements:
+                    args = tuple(params) if params and len(statements) == 1 else ()
+                    results.append(await self._run_one(conn, sql, cap, args))
         except BaseException as e:
             if isinstance(e, asyncio.CancelledError):
                 raise
@@ -224,5 +228,6 @@ class Upstream:
             rows = rows[:cap]
         out_rows = [tuple(r.values()) for r in rows]
         tag = f"SELECT {len(out_rows)}"
-        return StatementResult(command=tag, columns=cols, rows=out_rows, row_count=len(out_rows),
-                               truncated=truncated)
+        return StatementResult(
+            command=tag, columns=cols, rows=out_rows, row_count=len(out_rows), truncated=truncated
+        )

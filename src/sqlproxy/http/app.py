@@ -31,8 +31,12 @@ class QueryBody(BaseModel):
 
     sql: str = Field(description="One or more SQL statements; several run in one transaction")
     database: str | None = Field(default=None, description="Upstream database name; default if omitted")
-    params: list[Any] | None = Field(default=None, description="Values for $1, $2, ... (single statement only)")
-    max_rows: int | None = Field(default=None, ge=1, description="Row cap, at most the database's max_result_rows")
+    params: list[Any] | None = Field(
+        default=None, description="Values for $1, $2, ... (single statement only)"
+    )
+    max_rows: int | None = Field(
+        default=None, ge=1, description="Row cap, at most the database's max_result_rows"
+    )
 
 
 class ErrorBody(BaseModel):
@@ -92,7 +96,9 @@ def _parse_query_body(raw: bytes) -> QueryBody:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
-        raise BadRequest(f"request body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+        raise BadRequest(
+            f"request body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}"
+        ) from None
     if not isinstance(data, dict):
         raise BadRequest("request body must be a JSON object")
     try:
@@ -111,7 +117,8 @@ def create_app(runtime: Runtime) -> FastAPI:
         description=(
             "A policy-enforcing SQL proxy for PostgreSQL. Every statement is parsed with PostgreSQL's "
             "own grammar, decided by per-user policies (allow, block, mask, row filters), classified "
-            "for PII and audited in a tamper-evident log. Authenticate with `Authorization: Bearer <api key>`."
+            "for PII and audited in a tamper-evident log. "
+            "Authenticate with `Authorization: Bearer <api key>`."
         ),
     )
     app.state.runtime = runtime
@@ -139,7 +146,12 @@ def create_app(runtime: Runtime) -> FastAPI:
         )
         try:
             body = _parse_query_body(await _read_body(request, cfg.server.max_request_bytes))
-            req.sql, req.database, req.params, req.max_rows = body.sql, body.database, body.params, body.max_rows
+            req.sql, req.database, req.params, req.max_rows = (
+                body.sql,
+                body.database,
+                body.params,
+                body.max_rows,
+            )
         except ProxyError as e:
             req.preflight_error = e
         try:
@@ -156,11 +168,21 @@ def create_app(runtime: Runtime) -> FastAPI:
     @app.post(
         "/api/v1/query",
         summary="Run SQL through policy, masking, classification and audit",
-        openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
-            "schema": QueryBody.model_json_schema()}}}},
-        responses={400: {"model": ErrorBody}, 401: {"model": ErrorBody}, 403: {"model": ErrorBody},
-                   413: {"model": ErrorBody}, 429: {"model": ErrorBody}, 503: {"model": ErrorBody},
-                   504: {"model": ErrorBody}},
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": QueryBody.model_json_schema()}},
+            }
+        },
+        responses={
+            400: {"model": ErrorBody},
+            401: {"model": ErrorBody},
+            403: {"model": ErrorBody},
+            413: {"model": ErrorBody},
+            429: {"model": ErrorBody},
+            503: {"model": ErrorBody},
+            504: {"model": ErrorBody},
+        },
     )
     async def query(request: HttpRequest) -> Response:
         return await _run(request, dry_run=False)
@@ -168,8 +190,12 @@ def create_app(runtime: Runtime) -> FastAPI:
     @app.post(
         "/api/v1/query/dry-run",
         summary="Analyse and decide without executing",
-        openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
-            "schema": QueryBody.model_json_schema()}}}},
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": QueryBody.model_json_schema()}},
+            }
+        },
         responses={400: {"model": ErrorBody}, 401: {"model": ErrorBody}, 403: {"model": ErrorBody}},
     )
     async def dry_run(request: HttpRequest) -> Response:
@@ -178,8 +204,13 @@ def create_app(runtime: Runtime) -> FastAPI:
     async def _admin_identity(request: HttpRequest, action: str, need_admin: bool = True) -> Any:
         """Authenticate an API call that runs no SQL; it is audited like any other request."""
         client = request.client
-        req = Request(door="http", sql=None, source_ip=client.host if client else "unknown",
-                      source_port=client.port if client else None, extra={"action": action})
+        req = Request(
+            door="http",
+            sql=None,
+            source_ip=client.host if client else "unknown",
+            source_port=client.port if client else None,
+            extra={"action": action},
+        )
         token = bearer_token(request)
         try:
             if not token:
@@ -196,7 +227,9 @@ def create_app(runtime: Runtime) -> FastAPI:
             raise
         return req
 
-    @app.post("/api/v1/admin/reload", summary="Re-read the configuration file (atomic; a bad file is refused)")
+    @app.post(
+        "/api/v1/admin/reload", summary="Re-read the configuration file (atomic; a bad file is refused)"
+    )
     async def admin_reload(request: HttpRequest) -> Response:
         try:
             req = await _admin_identity(request, "reload")
@@ -207,9 +240,16 @@ def create_app(runtime: Runtime) -> FastAPI:
         except ConfigError as e:
             req.error = BadRequest("configuration refused; the running configuration is unchanged")
             await runtime.audit_request(req)
-            return _json({"error": {"code": "config_invalid", "message": str(req.error.message),
-                                    "problems": [{"path": p.path, "reason": p.reason} for p in e.problems]}},
-                         400)
+            return _json(
+                {
+                    "error": {
+                        "code": "config_invalid",
+                        "message": str(req.error.message),
+                        "problems": [{"path": p.path, "reason": p.reason} for p in e.problems],
+                    }
+                },
+                400,
+            )
         await runtime.audit_request(req)
         return _json({"reloaded": True, "generation": runtime.config.generation})
 
@@ -221,12 +261,22 @@ def create_app(runtime: Runtime) -> FastAPI:
             return _error_response(e, None)
         await runtime.audit_request(req)
         cfg = runtime.config.current
-        return _json({"users": [
-            {"name": n, "roles": list(u.roles), "attributes": u.attributes, "disabled": u.disabled,
-             "has_api_key": bool(u.api_key_sha256 or u.api_key_env), "has_password": u.password is not None,
-             "allowed_cidrs": list(u.allowed_cidrs)}
-            for n, u in cfg.users.items()
-        ]})
+        return _json(
+            {
+                "users": [
+                    {
+                        "name": n,
+                        "roles": list(u.roles),
+                        "attributes": u.attributes,
+                        "disabled": u.disabled,
+                        "has_api_key": bool(u.api_key_sha256 or u.api_key_env),
+                        "has_password": u.password is not None,
+                        "allowed_cidrs": list(u.allowed_cidrs),
+                    }
+                    for n, u in cfg.users.items()
+                ]
+            }
+        )
 
     @app.get("/api/v1/admin/policies", summary="Policy rules and row filters in force")
     async def admin_policies(request: HttpRequest) -> Response:
@@ -236,10 +286,12 @@ def create_app(runtime: Runtime) -> FastAPI:
             return _error_response(e, None)
         await runtime.audit_request(req)
         cfg = runtime.config.current
-        return _json({
-            "policies": [p.model_dump(mode="json", by_alias=True) for p in cfg.policies],
-            "row_filters": [f.model_dump(mode="json", by_alias=True) for f in cfg.row_filters],
-        })
+        return _json(
+            {
+                "policies": [p.model_dump(mode="json", by_alias=True) for p in cfg.policies],
+                "row_filters": [f.model_dump(mode="json", by_alias=True) for f in cfg.row_filters],
+            }
+        )
 
     @app.get("/api/v1/audit", summary="Audit records, newest last; non-admins see only their own")
     async def audit(
@@ -264,11 +316,22 @@ def create_app(runtime: Runtime) -> FastAPI:
                 await runtime.audit_request(req)
                 return _error_response(req.error, req.id)
             user = ident.name
+        try:
+            records = await runtime.audit.store.query(
+                user=user,
+                decision=decision,
+                table=table,
+                kind=kind,
+                since=since,
+                until=until,
+                after_seq=after_seq,
+                limit=limit,
+            )
+        except ValueError as e:
+            req.error = BadRequest(f"invalid filter: {e}")
+            await runtime.audit_request(req)
+            return _error_response(req.error, req.id)
         await runtime.audit_request(req)
-        records = await runtime.audit.store.query(
-            user=user, decision=decision, table=table, kind=kind, since=since, until=until,
-            after_seq=after_seq, limit=limit,
-        )
         return _json({"records": [r.to_dict() for r in records]})
 
     @app.get("/health", summary="Liveness, and readiness of every upstream")
@@ -279,10 +342,20 @@ def create_app(runtime: Runtime) -> FastAPI:
             ok = await up.check()
             runtime.metrics.upstream_up.labels(name).set(1 if ok else 0)
             ready = ready and ok
-            ups[name] = {"ready": ok, **({"error": up.last_error} if not ok and up.last_error else {}),
-                         "pool": up.pool_stats()}
-        return _json({"status": "ok", "ready": ready, "version": __version__, "upstreams": ups,
-                      "audit": {"queue_depth": runtime.audit.queue_depth}})
+            ups[name] = {
+                "ready": ok,
+                **({"error": up.last_error} if not ok and up.last_error else {}),
+                "pool": up.pool_stats(),
+            }
+        return _json(
+            {
+                "status": "ok",
+                "ready": ready,
+                "version": __version__,
+                "upstreams": ups,
+                "audit": {"queue_depth": runtime.audit.queue_depth},
+            }
+        )
 
     @app.get("/health/ready", summary="200 when every upstream answers, 503 otherwise")
     async def ready() -> Response:
@@ -312,16 +385,20 @@ def _result_body(req: Request) -> dict[str, Any]:
     results = []
     for i, (st, res) in enumerate(zip(req.analysis.statements, req.results, strict=False)):
         cls = req.classifications[i] if i < len(req.classifications) else {}
-        results.append({
-            "statement": i,
-            "kind": str(st.kind),
-            "command": res.command,
-            "columns": [{"name": c.name, "type": c.type, "classifications": cls.get(c.name, [])}
-                        for c in res.columns],
-            "rows": [[to_jsonable(v) for v in row] for row in res.rows],
-            "row_count": res.row_count,
-            "truncated": res.truncated,
-        })
+        results.append(
+            {
+                "statement": i,
+                "kind": str(st.kind),
+                "command": res.command,
+                "columns": [
+                    {"name": c.name, "type": c.type, "classifications": cls.get(c.name, [])}
+                    for c in res.columns
+                ],
+                "rows": [[to_jsonable(v) for v in row] for row in res.rows],
+                "row_count": res.row_count,
+                "truncated": res.truncated,
+            }
+        )
     merged: dict[str, list[str]] = {}
     for per in req.classifications:
         for col, labels in per.items():
@@ -333,7 +410,11 @@ def _result_body(req: Request) -> dict[str, Any]:
         "database": req.database,
         "results": results,
         "classifications": merged,
-        "decision": {"allowed": True, "rule": d.rule if d else None, "rules": list(d.rules_used) if d else []},
+        "decision": {
+            "allowed": True,
+            "rule": d.rule if d else None,
+            "rules": list(d.rules_used) if d else [],
+        },
         "rewritten": req.rewritten,
         "duration_ms": round(req.elapsed_ms, 3),
     }
@@ -353,10 +434,14 @@ def _dry_run_body(req: Request) -> dict[str, Any]:
             {
                 "kind": str(st.kind),
                 "category": st.category,
-                "relations": [{"table": r.table.qualified, "access": str(r.access), "columns": sorted(r.columns)}
-                              for r in st.relations],
-                "outputs": [{"name": o.name, "sources": sorted(str(s) for s in o.sources), "direct": o.direct}
-                            for o in st.outputs],
+                "relations": [
+                    {"table": r.table.qualified, "access": str(r.access), "columns": sorted(r.columns)}
+                    for r in st.relations
+                ],
+                "outputs": [
+                    {"name": o.name, "sources": sorted(str(s) for s in o.sources), "direct": o.direct}
+                    for o in st.outputs
+                ],
                 "functions": sorted(st.functions),
                 "dangers": sorted(st.dangers),
             }

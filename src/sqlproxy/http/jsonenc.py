@@ -14,6 +14,16 @@ from collections.abc import Mapping
 from typing import Any
 
 
+_IP_TYPES = (
+    ipaddress.IPv4Address,
+    ipaddress.IPv6Address,
+    ipaddress.IPv4Network,
+    ipaddress.IPv6Network,
+    ipaddress.IPv4Interface,
+    ipaddress.IPv6Interface,
+)
+
+
 def _decimal(d: decimal.Decimal) -> int | float | str:
     if not d.is_finite():
         return str(d)  # NaN / Infinity have no JSON number form
@@ -39,9 +49,7 @@ def to_jsonable(value: Any) -> Any:
         return str(value)
     if isinstance(value, bytes | bytearray | memoryview):
         return {"base64": base64.b64encode(bytes(value)).decode("ascii")}
-    if isinstance(
-        value, ipaddress.IPv4Address | ipaddress.IPv6Address | ipaddress.IPv4Network | ipaddress.IPv6Network
-    ) or isinstance(value, ipaddress.IPv4Interface | ipaddress.IPv6Interface):
+    if isinstance(value, _IP_TYPES):
         return str(value)
     if isinstance(value, Mapping):
         return {str(k): to_jsonable(v) for k, v in value.items()}

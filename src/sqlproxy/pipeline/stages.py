@@ -123,7 +123,10 @@ class AnalyzeStage:
         search_path = req.search_path or upstream.config.search_path
         try:
             analysis = self.rt.analysis_cache.get_or_analyze(req.sql, catalog, search_path)
-            if any(not r.known for r in analysis.relations) and upstream.catalog_age() > _CATALOG_REFRESH_MIN_S:
+            if (
+                any(not r.known for r in analysis.relations)
+                and upstream.catalog_age() > _CATALOG_REFRESH_MIN_S
+            ):
                 # The snapshot may predate a table created since; look once more before deciding.
                 catalog = await upstream.ensure_catalog(refresh=True)
                 analysis = self.rt.analysis_cache.get_or_analyze(req.sql, catalog, search_path)
@@ -136,7 +139,8 @@ class AnalyzeStage:
             for st in analysis.statements:
                 if st.kind is StatementKind.TRANSACTION:
                     raise BadRequest(
-                        "transaction control is not accepted here: each request already runs in one transaction",
+                        "transaction control is not accepted here: "
+                        "each request already runs in one transaction",
                         sqlstate="25000",
                     )
                 if st.kind is StatementKind.COPY and st.copy is not None and st.copy.target == "stdio":
@@ -164,7 +168,9 @@ class PolicyStage:
         req.decision = decision
         req.stage_seconds[self.name] = time.perf_counter() - t
         if not decision.allowed:
-            raise Denied(f"permission denied by rule {decision.rule!r}: {decision.reason}", rule=decision.rule)
+            raise Denied(
+                f"permission denied by rule {decision.rule!r}: {decision.reason}", rule=decision.rule
+            )
         await call_next(req)
 
 
@@ -197,7 +203,9 @@ class RewriteStage:
                     try:
                         text = rewrite(text, mine, catalog, path, self.rt.mask_salt)
                     except RewriteError as e:
-                        raise Denied(f"cannot apply row filter or mask: {e}", rule=req.decision.rule) from None
+                        raise Denied(
+                            f"cannot apply row filter or mask: {e}", rule=req.decision.rule
+                        ) from None
                     req.rewritten = True
                 if st.search_path is not None:
                     path = list(st.search_path)

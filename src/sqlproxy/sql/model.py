@@ -43,7 +43,9 @@ class StatementKind(StrEnum):
     LISTEN = "listen"  # LISTEN / UNLISTEN
     NOTIFY = "notify"
     LOCK = "lock"
-    MAINTENANCE = "maintenance"  # VACUUM / ANALYZE / CLUSTER / REINDEX / CHECKPOINT / REFRESH MATERIALIZED VIEW
+    MAINTENANCE = (
+        "maintenance"  # VACUUM / ANALYZE / CLUSTER / REINDEX / CHECKPOINT / REFRESH MATERIALIZED VIEW
+    )
     DISCARD = "discard"
     OTHER = "other"
 

@@ -1,0 +1,167 @@
+"""HTTP throughput and latency of POST /api/v1/query against direct queries with the same driver.
+
+Starts its own PostgreSQL (or uses SQLPROXY_BENCH_PG_DSN), loads the demo schema, runs
+`sqlproxy serve` as a separate process with the full pipeline (policy, masking, row filters,
+classification, audit to JSONL + SQLite), and drives both with the same number of concurrent
+clients for the same time. Prints requests/s, p50/p99 latency and the ratio proxy / direct.
+
+    .venv/bin/python bench/http_bench.py --duration 10 --concurrency 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import asyncpg
+import httpx
+
+from sqlproxy.auth.keys import generate_api_key
+from sqlproxy.demo.launcher import DEMO_USERS, write_demo_config
+from sqlproxy.embedded._process import free_port
+from sqlproxy.embedded.demo_data import load_demo
+from sqlproxy.embedded.postgres import EmbeddedPostgres
+
+POINT = "SELECT id, name, email, region FROM customers WHERE id = {}"
+
+
+def pct(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    k = min(len(values) - 1, max(0, round(p / 100 * (len(values) - 1))))
+    return values[k]
+
+
+async def drive(
+    name: str, one: Callable[[int], Awaitable[None]], concurrency: int, duration: float
+) -> tuple[str, float, float, float, int]:
+    latencies: list[float] = []
+    errors = 0
+    deadline = time.perf_counter() + duration
+
+    async def worker() -> None:
+        nonlocal errors
+        rnd = random.Random()
+        while time.perf_counter() < deadline:
+            t = time.perf_counter()
+            try:
+                await one(rnd.randint(1, 200))
+            except Exception:
+                errors += 1
+                continue
+            latencies.append(time.perf_counter() - t)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    elapsed = time.perf_counter() - start
+    rps = len(latencies) / elapsed
+    return name, rps, pct(latencies, 50) * 1000, pct(latencies, 99) * 1000, errors
+
+
+async def main_async(args: argparse.Namespace) -> int:
+    tmp = Path(tempfile.mkdtemp(prefix="sqlproxy-bench-"))
+    pg: EmbeddedPostgres | None = None
+    dsn = os.environ.get("SQLPROXY_BENCH_PG_DSN")
+    if dsn is None:
+        pg = EmbeddedPostgres(tmp / "pg")
+        pg.start()
+        dsn = load_demo(pg)
+    port = free_port()
+    keys = {u: generate_api_key() for u in DEMO_USERS}
+    (tmp / "state").mkdir()
+    cfg = write_demo_config(tmp / "state", dsn, port, keys)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sqlproxy", "serve", "--config", str(cfg), "--log-level", "warning"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        async with httpx.AsyncClient(
+            base_url=base, timeout=30, limits=httpx.Limits(max_connections=args.concurrency)
+        ) as client:
+            for _ in range(300):
+                try:
+                    if (await client.get("/health")).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                await asyncio.sleep(0.1)
+            else:
+                print("proxy did not come up", file=sys.stderr)
+                return 1
+
+            def via_proxy(user: str) -> Callable[[int], Awaitable[None]]:
+                headers = {"Authorization": f"Bearer {keys[user]}"}
+
+                async def one(i: int) -> None:
+                    r = await client.post("/api/v1/query", json={"sql": POINT.format(i)}, headers=headers)
+                    if r.status_code != 200:
+                        raise RuntimeError(r.text)
+
+                return one
+
+            pool = await asyncpg.create_pool(dsn, min_size=args.concurrency, max_size=args.concurrency)
+
+            async def direct(i: int) -> None:
+                async with pool.acquire() as conn:
+                    await conn.fetch(POINT.format(i))
+
+            await drive("warmup", via_proxy("admin"), args.concurrency, 1.0)
+            rows = []
+            for _ in range(args.rounds):
+                rows.append(await drive("direct asyncpg", direct, args.concurrency, args.duration))
+                rows.append(
+                    await drive(
+                        "proxy, admin (no masks)", via_proxy("admin"), args.concurrency, args.duration
+                    )
+                )
+                rows.append(
+                    await drive(
+                        "proxy, analyst (mask+filter)", via_proxy("analyst"), args.concurrency, args.duration
+                    )
+                )
+            await pool.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        if pg is not None:
+            pg.stop()
+
+    print(
+        f"\nHTTP benchmark: {args.concurrency} concurrent clients, {args.duration:.0f} s per run, "
+        f"{args.rounds} round(s), point SELECT on customers"
+    )
+    print(f"{'target':32} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}")
+    for name, rps, p50, p99, errs in rows:
+        print(f"{name:32} {rps:9.0f} {p50:8.2f} {p99:8.2f} {errs:7d}")
+    by: dict[str, list[float]] = {}
+    for name, rps, *_ in rows:
+        by.setdefault(name, []).append(rps)
+    direct_rps = statistics.mean(by["direct asyncpg"])
+    for name, vals in by.items():
+        if name != "direct asyncpg":
+            print(f"ratio {name} / direct: {statistics.mean(vals) / direct_rps:.3f}")
+    return 0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--duration", type=float, default=10.0)
+    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--rounds", type=int, default=2)
+    sys.exit(asyncio.run(main_async(ap.parse_args())))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,5 @@
+#!/usr/bin/env bash
+# make bench: every benchmark, each printing its own figures and ratios.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+.venv/bin/python bench/http_bench.py "$@"

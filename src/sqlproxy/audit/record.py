@@ -1,0 +1,238 @@
+"""One audit record: what happened to one request, whatever door it came in by.
+
+Callers never pass passwords, API keys or other credentials into a record; the record holds what
+the pipeline decided, not how the client proved who it is. As a second line of defence, keys in
+``extra`` that look like credentials are dropped before the record exists (``drop_secrets``).
+
+A record is sealed by the writer (``seq``, ``prev_hash``, ``hash``); everything else is fixed
+when the record is made. Lists and dicts are normalised through JSON at construction so that the
+bytes hashed are exactly the bytes any store reads back.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import uuid
+from dataclasses import asdict, dataclass, field, fields, replace
+from datetime import UTC, datetime
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+GENESIS_HASH = "0" * 64
+
+# The decisions the pipeline reports today. Not enforced on construction: a new kind of outcome
+# must still be audited rather than fail the request that produced it.
+DECISIONS = frozenset({"allow", "deny", "error", "rate_limited", "unauthenticated", "bad_request"})
+DOORS = frozenset({"http", "wire", "ws"})
+
+# Substrings of a key name that mark a credential. Matching is on the lowercased key, so
+# "apiKey", "DB_PASSWORD" and "access_token" are all caught; a false positive only loses an
+# informational field, a false negative would store a secret forever in a tamper-evident log.
+_SECRET_KEY = re.compile(r"passw(or)?d|pwd|secret|token|api[_\-]?key|private[_\-]?key|credential")
+
+
+def drop_secrets(value: Any) -> Any:
+    """A copy of ``value`` without dict keys that look like credentials, at any depth."""
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            ks = str(k)
+            if _SECRET_KEY.search(ks.lower()):
+                # The key name is not secret; saying which one was dropped points at the caller.
+                log.warning("audit: dropped a credential-like key %r from a record's extra", ks)
+                continue
+            out[ks] = drop_secrets(v)
+        return out
+    if isinstance(value, (list, tuple)):
+        return [drop_secrets(v) for v in value]
+    return value
+
+
+def utc_now_iso() -> str:
+    return format_ts(datetime.now(UTC))
+
+
+def format_ts(dt: datetime) -> str:
+    """Fixed-width UTC ISO-8601 with microseconds and ``Z``: string order is time order."""
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def normalize_ts(text: str) -> str:
+    """Any ISO-8601 date or timestamp (naive means UTC) in the stored form; ValueError if not one."""
+    return format_ts(datetime.fromisoformat(text.strip()))
+
+
+def _json_roundtrip(value: Any) -> Any:
+    # default=str keeps the audit path from failing on a stray datetime/Decimal in extra; the
+    # stored text is then what gets hashed, so verification stays exact.
+    return json.loads(json.dumps(value, ensure_ascii=False, allow_nan=False, default=str))
+
+
+def canonical_json(data: dict[str, Any]) -> bytes:
+    return json.dumps(
+        data, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    ).encode("utf-8")
+
+
+@dataclass(frozen=True, slots=True, eq=True)
+class AuditRecord:
+    id: str
+    ts: str
+    user: str | None
+    roles: list[str]
+    source: str
+    door: str
+    database: str | None
+    sql: str | None
+    fingerprint: str | None
+    statement_kinds: list[str]
+    relations: list[dict[str, Any]]
+    columns: list[str]
+    decision: str
+    rule: str | None
+    reason: str | None
+    rows: int | None
+    duration_ms: float
+    classifications: dict[str, list[str]]
+    sqlstate: str | None
+    error: str | None
+    extra: dict[str, Any] = field(default_factory=dict)
+    seq: int = 0
+    prev_hash: str = ""
+    hash: str = ""
+
+    # A frozen dataclass with list fields would get a __hash__ that raises; say so up front.
+    __hash__ = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.duration_ms):
+            raise ValueError("audit record: duration_ms must be finite")
+        set_ = object.__setattr__
+        set_(self, "duration_ms", float(self.duration_ms))
+        set_(self, "roles", [str(r) for r in self.roles])
+        set_(self, "statement_kinds", [str(k) for k in self.statement_kinds])
+        set_(self, "columns", [str(c) for c in self.columns])
+        set_(self, "relations", _json_roundtrip(list(self.relations)))
+        set_(self, "classifications", _json_roundtrip(dict(self.classifications)))
+        set_(self, "extra", _json_roundtrip(drop_secrets(dict(self.extra))))
+
+    @classmethod
+    def new(
+        cls,
+        *,
+        user: str | None,
+        source: str,
+        door: str,
+        decision: str,
+        duration_ms: float,
+        id: str | None = None,
+        ts: str | None = None,
+        roles: list[str] | None = None,
+        database: str | None = None,
+        sql: str | None = None,
+        fingerprint: str | None = None,
+        statement_kinds: list[str] | None = None,
+        relations: list[dict[str, Any]] | None = None,
+        columns: list[str] | None = None,
+        rule: str | None = None,
+        reason: str | None = None,
+        rows: int | None = None,
+        classifications: dict[str, list[str]] | None = None,
+        sqlstate: str | None = None,
+        error: str | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> AuditRecord:
+        """An unsealed record (seq 0, no hashes); ``AuditWriter.submit`` seals it."""
+        return cls(
+            id=id or uuid.uuid4().hex,
+            ts=ts or utc_now_iso(),
+            user=user,
+            roles=roles or [],
+            source=source,
+            door=door,
+            database=database,
+            sql=sql,
+            fingerprint=fingerprint,
+            statement_kinds=statement_kinds or [],
+            relations=relations or [],
+            columns=columns or [],
+            decision=decision,
+            rule=rule,
+            reason=reason,
+            rows=rows,
+            duration_ms=duration_ms,
+            classifications=classifications or {},
+            sqlstate=sqlstate,
+            error=error,
+            extra=extra or {},
+        )
+
+    def with_chain(self, seq: int, prev_hash: str, hash: str) -> AuditRecord:
+        return replace(self, seq=seq, prev_hash=prev_hash, hash=hash)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def hashed_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        del d["hash"]
+        return d
+
+    def canonical(self) -> bytes:
+        """The bytes the chain HMAC covers: every field but ``hash``."""
+        return canonical_json(self.hashed_dict())
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                          allow_nan=False)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AuditRecord:
+        """Strict: a missing or unknown key is an error, since an added key would otherwise
+        ride along unhashed."""
+        names = {f.name for f in fields(cls)}
+        keys = set(data)
+        if keys != names:
+            missing, unknown = sorted(names - keys), sorted(keys - names)
+            raise ValueError(f"audit record: missing keys {missing}, unknown keys {unknown}")
+        for name, want in _FIELD_TYPES.items():
+            v = data[name]
+            if not isinstance(v, want) or (isinstance(v, bool) and bool not in want):
+                raise ValueError(f"audit record: {name} has type {type(v).__name__}")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> AuditRecord:
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError("audit record: not a JSON object")
+        return cls.from_dict(data)
+
+
+_STR = (str,)
+_OPT_STR = (str, type(None))
+# What a decoded record's fields must be. Checked on reading so that a value that would only be
+# coerced on construction (a string where a list belongs) is refused instead of hashing equal.
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "id": _STR, "ts": _STR, "user": _OPT_STR, "roles": (list,), "source": _STR, "door": _STR,
+    "database": _OPT_STR, "sql": _OPT_STR, "fingerprint": _OPT_STR, "statement_kinds": (list,),
+    "relations": (list,), "columns": (list,), "decision": _STR, "rule": _OPT_STR,
+    "reason": _OPT_STR, "rows": (int, type(None)), "duration_ms": (int, float),
+    "classifications": (dict,), "sqlstate": _OPT_STR, "error": _OPT_STR, "extra": (dict,),
+    "seq": (int,), "prev_hash": _STR, "hash": _STR,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Undecodable:
+    """A stored record that could not be read back (a corrupted line or row)."""
+
+    seq: int | None
+    location: str
+    error: str

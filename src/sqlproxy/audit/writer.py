@@ -1,0 +1,221 @@
+"""The audit writer: seals records into the chain in submission order and drains them to the
+store and the sinks in the background.
+
+``submit`` is cheap (seal + enqueue) so audit adds little latency, but it is never lossy: when
+``queue_size`` records are accepted and not yet written, ``submit`` waits. A failing sink is
+retried with backoff and keeps its records, so a broken disk turns into back-pressure on
+requests rather than unaudited traffic. Records are written to the store first (it is what a
+restart resumes from), then to each sink.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Callable, Sequence
+
+from sqlproxy.audit.chain import Chain, ChainState
+from sqlproxy.audit.record import AuditRecord
+from sqlproxy.audit.sinks import AuditStore, CatchUpSink, Sink
+
+log = logging.getLogger(__name__)
+
+Listener = Callable[[Sequence[AuditRecord]], None]
+
+
+class AuditWriter:
+    def __init__(
+        self,
+        sinks: Sequence[Sink],
+        store: AuditStore,
+        key: bytes,
+        queue_size: int = 10_000,
+        batch_size: int = 500,
+        *,
+        retry_initial_s: float = 0.05,
+        retry_max_s: float = 5.0,
+    ) -> None:
+        if queue_size < 1 or batch_size < 1:
+            raise ValueError("queue_size and batch_size must be at least 1")
+        self.sinks = list(sinks)
+        self.store = store
+        self._key = key
+        self.queue_size = queue_size
+        self.batch_size = batch_size
+        self._retry_initial_s = retry_initial_s
+        self._retry_max_s = retry_max_s
+        self._chain: Chain | None = None
+        self._pending: deque[AuditRecord] = deque()
+        self._inflight = 0
+        self._written_seq = 0
+        self._cond = asyncio.Condition()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._closed = False
+        self._listeners: list[Listener] = []
+        # Counters for metrics.
+        self.written = 0
+        self.failures = 0
+
+    # -- state
+    @property
+    def queue_depth(self) -> int:
+        """Records accepted and not yet written everywhere."""
+        return len(self._pending) + self._inflight
+
+    @property
+    def head(self) -> ChainState:
+        """The chain head as sealed (may be ahead of what is written)."""
+        if self._chain is None:
+            raise RuntimeError("audit writer not started")
+        return self._chain.state
+
+    @property
+    def written_seq(self) -> int:
+        return self._written_seq
+
+    # -- lifecycle
+    async def start(self) -> None:
+        if self._task is not None:
+            return
+        state = await self._resume_state()
+        self._chain = Chain(self._key, state)
+        self._written_seq = state.seq
+        await self._catch_up_sinks(state)
+        self._task = asyncio.create_task(self._drain(), name="audit-writer")
+
+    async def _resume_state(self) -> ChainState:
+        head = await self.store.head()
+        last = await self.store.last()
+        if head is None and last is None:
+            return ChainState.genesis()
+        if head is None:
+            assert last is not None
+            log.error("audit store has records but no chain head; resuming after seq %d", last.seq)
+            return ChainState(last.seq, last.hash)
+        if last is None or last.seq < head.seq:
+            # Records were removed behind the head's back. Continuing from the head keeps the
+            # hole visible to verify instead of papering over it with reused seqs.
+            log.error("audit store: chain head is at seq %d but the last record is %s",
+                      head.seq, None if last is None else last.seq)
+            return head
+        if last.seq > head.seq:
+            # Resuming from the head would reuse seqs that exist; continue after the last record.
+            log.error("audit store: records beyond the chain head (head %d, last %d)", head.seq, last.seq)
+            return ChainState(last.seq, last.hash)
+        if last.hash != head.head_hash:
+            log.error("audit store: chain head hash differs from the last record (seq %d)", head.seq)
+        return head
+
+    async def _catch_up_sinks(self, state: ChainState) -> None:
+        for sink in self.sinks:
+            if not isinstance(sink, CatchUpSink):
+                continue
+            got = await sink.last_seq()
+            if got is None or got == state.seq:
+                continue
+            if got > state.seq:
+                log.error("audit sink %r is ahead of the store (seq %d > %d); the store lost records",
+                          sink, got, state.seq)
+                continue
+            # A crash between the store commit and the sink write: replay the difference.
+            after = got
+            while True:
+                page = await self.store.get_after(after, self.batch_size)
+                if not page:
+                    break
+                await self._write_with_retry(sink, page)
+                after = page[-1].seq
+            log.warning("audit sink %r caught up from seq %d to %d", sink, got, after)
+
+    async def flush(self) -> None:
+        """Wait until every record submitted before this call is written everywhere."""
+        if self._chain is None:
+            return
+        target = self._chain.state.seq
+        async with self._cond:
+            await self._cond.wait_for(lambda: self._written_seq >= target)
+
+    async def close(self) -> None:
+        """Flush, stop the drain task and close the store and sinks. Waits for a failing sink
+        for as long as it takes; wrap in ``asyncio.timeout`` to bound a shutdown."""
+        if self._closed:
+            return
+        if self._task is not None:
+            async with self._cond:
+                self._closing = True
+                self._cond.notify_all()
+            await self._task
+        self._closed = True
+        for s in [self.store, *self.sinks]:
+            try:
+                await s.close()
+            except Exception:
+                log.exception("audit: closing %r failed", s)
+
+    # -- submitting
+    async def submit(self, record: AuditRecord) -> AuditRecord:
+        """Seal ``record`` as the next in the chain and queue it; return the sealed record.
+
+        Waits while the queue is full. Sealing and enqueueing happen with no await between
+        them, so seq order is queue order and a cancelled wait leaves no hole in the chain.
+        """
+        if self._chain is None or self._closing:
+            raise RuntimeError("audit writer is not running")
+        async with self._cond:
+            await self._cond.wait_for(lambda: self.queue_depth < self.queue_size or self._closing)
+            if self._closing:
+                raise RuntimeError("audit writer is closing")
+            sealed = self._chain.append(record)
+            self._pending.append(sealed)
+            self._cond.notify_all()
+        return sealed
+
+    # -- listeners
+    def add_listener(self, cb: Listener) -> None:
+        """``cb(records)`` runs on the event loop after each batch is written; it must not block
+        (hand off to its own bounded queue and mark itself lagging if that fills)."""
+        self._listeners.append(cb)
+
+    def remove_listener(self, cb: Listener) -> None:
+        with contextlib.suppress(ValueError):
+            self._listeners.remove(cb)
+
+    # -- draining
+    async def _drain(self) -> None:
+        while True:
+            async with self._cond:
+                await self._cond.wait_for(lambda: bool(self._pending) or self._closing)
+                if not self._pending:
+                    return  # closing and everything written
+                n = min(self.batch_size, len(self._pending))
+                batch = [self._pending.popleft() for _ in range(n)]
+                self._inflight = n
+            await self._write_with_retry(self.store, batch)
+            for sink in self.sinks:
+                await self._write_with_retry(sink, batch)
+            async with self._cond:
+                self._inflight = 0
+                self.written += len(batch)
+                self._written_seq = batch[-1].seq
+                self._cond.notify_all()
+            for cb in list(self._listeners):
+                try:
+                    cb(batch)
+                except Exception:
+                    log.exception("audit listener %r failed", cb)
+
+    async def _write_with_retry(self, target: Sink, batch: Sequence[AuditRecord]) -> None:
+        delay = self._retry_initial_s
+        while True:
+            try:
+                await target.write_batch(batch)
+                return
+            except Exception:
+                self.failures += 1
+                log.exception("audit: writing seq %d..%d to %r failed; retrying in %.2fs",
+                              batch[0].seq, batch[-1].seq, target, delay)
+                await asyncio.sleep(delay)
+                delay = min(self._retry_max_s, max(delay * 2, 0.001)) if delay else 0.0
