@@ -31,24 +31,24 @@ async def test_result_shape_and_real_types(proxy: ProxyHarness) -> None:
 
 
 async def test_dml_reports_affected_rows_and_multi_statement_is_one_transaction(proxy: ProxyHarness) -> None:
+    # Rows made by this test are marked by their creation time.
+    mark = "created_at = '2001-01-01T00:00:00Z'"
     r = await proxy.query(
         "developer",
-        "INSERT INTO orders (customer_id, total, status) VALUES (1, 10, 'txn-test'), (1, 11, 'txn-test'); "
-        "UPDATE orders SET total = total + 1 WHERE status = 'txn-test'",
+        "INSERT INTO orders (customer_id, total, status, created_at) VALUES "
+        "(1, 10, 'pending', '2001-01-01T00:00:00Z'), (1, 11, 'pending', '2001-01-01T00:00:00Z'); "
+        f"UPDATE orders SET total = total + 1 WHERE {mark}",
     )
     assert r.status_code == 200, r.text
     results = r.json()["results"]
     assert results[0]["row_count"] == 2 and results[0]["command"].startswith("INSERT")
     assert results[1]["row_count"] == 2
     # A failing second statement rolls the first back.
-    r = await proxy.query(
-        "developer",
-        "DELETE FROM orders WHERE status = 'txn-test'; SELECT 1 / 0 FROM orders WHERE status = 'txn-test'",
-    )
+    r = await proxy.query("developer", f"DELETE FROM orders WHERE {mark}; SELECT 1 / 0 FROM orders WHERE {mark}")
     assert r.status_code == 400
     assert r.json()["error"]["sqlstate"] == "22012"
-    assert await _rows(proxy, "admin", "SELECT count(*) FROM orders WHERE status = 'txn-test'") == [[2]]
-    r = await proxy.query("developer", "DELETE FROM orders WHERE status = 'txn-test'")
+    assert await _rows(proxy, "admin", f"SELECT count(*) FROM orders WHERE {mark}") == [[2]]
+    r = await proxy.query("developer", f"DELETE FROM orders WHERE {mark}")
     assert r.json()["results"][0]["row_count"] == 2
 
 

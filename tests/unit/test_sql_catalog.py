@@ -55,7 +55,8 @@ async def conn(pg_dsn: str) -> AsyncIterator[tuple[Any, str]]:
     await c.execute(
         f"""
         CREATE SCHEMA {schema};
-        CREATE TABLE {schema}.people (id int, gone text, email text, "Region" varchar(8), salary numeric(10,2));
+        CREATE TABLE {schema}.people
+            (id int, gone text, email text, "Region" varchar(8), salary numeric(10,2));
         ALTER TABLE {schema}.people DROP COLUMN gone;
         CREATE VIEW {schema}.contacts AS SELECT id, email AS contact FROM {schema}.people;
         INSERT INTO {schema}.people VALUES (1, 'ann@example.com', 'EU', 10), (2, '5551234567', 'US', 20),

@@ -20,14 +20,43 @@ class Strict(BaseModel):
 class ServerConfig(Strict):
     http_host: str = "127.0.0.1"
     http_port: Annotated[int, Field(ge=0, le=65535)] = 8080
-    wire_host: str = "127.0.0.1"
-    wire_port: Annotated[int, Field(ge=0, le=65535)] = 6432
-    wire_enabled: bool = True
     # Largest request body (HTTP) and SQL text accepted, in bytes.
     max_request_bytes: Annotated[int, Field(ge=1024)] = 1_048_576
     max_sql_bytes: Annotated[int, Field(ge=64)] = 262_144
     # Where the proxy keeps its own state (audit store, chain head) when paths are relative.
     state_dir: str = "var"
+
+
+class WireConfig(Strict):
+    """The PostgreSQL wire-protocol door (clients connect as to PostgreSQL, port 6432)."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 6432
+    # TLS: PEM certificate chain and key. With require_tls, non-TLS clients are refused.
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    require_tls: bool = False
+    # Password methods offered to clients: SCRAM-SHA-256 always; md5 only for users whose
+    # configured password is an md5 hash; cleartext only over TLS.
+    allow_md5: bool = False
+    allow_cleartext_over_tls: bool = False
+    # "transaction": a server connection per transaction (PgBouncer's transaction mode);
+    # "session": one per client connection.
+    pool_mode: Literal["transaction", "session"] = "transaction"
+    max_clients: Annotated[int, Field(ge=1)] = 1000
+    max_message_bytes: Annotated[int, Field(ge=1024)] = 64 * 1024 * 1024
+    idle_timeout_s: Annotated[float, Field(ge=0)] = 0.0  # 0 = never
+    idle_in_transaction_timeout_s: Annotated[float, Field(ge=0)] = 0.0
+    shutdown_grace_s: Annotated[float, Field(ge=0)] = 30.0
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> WireConfig:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        if self.require_tls and self.tls_cert is None:
+            raise ValueError("require_tls needs tls_cert and tls_key")
+        return self
 
 
 class DatabaseConfig(Strict):
@@ -222,6 +251,7 @@ class AuthConfig(Strict):
 
 class ProxyConfig(Strict):
     server: ServerConfig = ServerConfig()
+    wire: WireConfig = WireConfig()
     databases: dict[str, DatabaseConfig] = Field(default_factory=dict)
     default_database: str | None = None
     users: dict[str, UserConfig] = Field(default_factory=dict)

@@ -71,7 +71,7 @@ def translate_error(exc: BaseException) -> ProxyError:
         return exc
     if isinstance(exc, asyncpg.exceptions.QueryCanceledError):
         return UpstreamTimeout("the statement exceeded the statement timeout")
-    if isinstance(exc, _CONNECTION_ERRORS | asyncio.TimeoutError):
+    if isinstance(exc, (*_CONNECTION_ERRORS, asyncio.TimeoutError)):
         return UpstreamUnavailable(f"upstream unavailable: {type(exc).__name__}")
     if isinstance(exc, asyncpg.PostgresError):
         sqlstate = getattr(exc, "sqlstate", None) or "XX000"

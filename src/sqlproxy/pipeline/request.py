@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +35,11 @@ class Request:
     # An error found by the door before the pipeline (unparseable JSON, ...). It is raised after
     # authentication so the audit record names the user when there is one.
     preflight_error: ProxyError | None = None
+    # A door that executes by itself (the wire door forwards to its own backend connection and
+    # streams results to the client; the WebSocket door streams from a cursor) sets this. It
+    # receives the request with ``statements`` rewritten and decided, and fills in ``results``
+    # (row counts and command tags; rows only when the door wants them classified by value).
+    executor: Callable[[Request], Awaitable[None]] | None = field(default=None, repr=False)
 
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     started: float = field(default_factory=time.perf_counter)

@@ -67,6 +67,9 @@ class MetricsStage:
     async def __call__(self, req: Request, call_next: Next) -> None:
         try:
             await call_next(req)
+        except ProxyError as e:
+            req.error = e  # the audit stage outside sets it too, but only after this stage returns
+            raise
         finally:
             self.rt.metrics.observe_request(req)
 
@@ -229,12 +232,15 @@ class ExecuteStage:
         t = time.perf_counter()
         assert req.upstream is not None and req.identity is not None and req.analysis is not None
         try:
-            req.results = await req.upstream.run(
-                req.statements,
-                user=req.identity.name,
-                max_rows=req.max_rows,
-                params=req.params,
-            )
+            if req.executor is not None:
+                await req.executor(req)
+            else:
+                req.results = await req.upstream.run(
+                    req.statements,
+                    user=req.identity.name,
+                    max_rows=req.max_rows,
+                    params=req.params,
+                )
         finally:
             req.stage_seconds[self.name] = time.perf_counter() - t
         if any(st.kind in _CATALOG_CHANGING for st in req.analysis.statements):
