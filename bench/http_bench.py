@@ -80,7 +80,7 @@ async def main_async(args: argparse.Namespace) -> int:
     keys = {u: generate_api_key() for u in DEMO_USERS}
     (tmp / "state").mkdir()
     cfg = write_demo_config(tmp / "state", dsn, port, keys)
-    proc = subprocess.Popen(
+    proc = subprocess.Popen(  # noqa: ASYNC220 - started once, before any load
         [sys.executable, "-m", "sqlproxy", "serve", "--config", str(cfg), "--log-level", "warning"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.STDOUT,

@@ -44,7 +44,9 @@ async def test_dml_reports_affected_rows_and_multi_statement_is_one_transaction(
     assert results[0]["row_count"] == 2 and results[0]["command"].startswith("INSERT")
     assert results[1]["row_count"] == 2
     # A failing second statement rolls the first back.
-    r = await proxy.query("developer", f"DELETE FROM orders WHERE {mark}; SELECT 1 / 0 FROM orders WHERE {mark}")
+    r = await proxy.query(
+        "developer", f"DELETE FROM orders WHERE {mark}; SELECT 1 / 0 FROM orders WHERE {mark}"
+    )
     assert r.status_code == 400
     assert r.json()["error"]["sqlstate"] == "22012"
     assert await _rows(proxy, "admin", f"SELECT count(*) FROM orders WHERE {mark}") == [[2]]
@@ -158,3 +160,17 @@ async def test_dry_run_shows_analysis_and_rewrite(proxy: ProxyHarness) -> None:
     )
     assert body["row_filters"] == {"public.customers": "region = 'eu'"}
     assert body["rewritten_sql"] and "region = 'eu'" in body["rewritten_sql"][0]
+
+
+async def test_views_do_not_bypass_base_table_policies(proxy: ProxyHarness) -> None:
+    # customer_contacts exposes customers.email: the analyst's mask and row filter apply inside it.
+    eu = (await _rows(proxy, "admin", "SELECT count(*) FROM customers WHERE region = 'eu'"))[0][0]
+    assert await _rows(proxy, "analyst", "SELECT count(*) FROM customer_contacts") == [[eu]]
+    rows = await _rows(proxy, "analyst", "SELECT contact_email FROM customer_contacts ORDER BY id LIMIT 3")
+    assert len(rows) == 3 and all("***" in str(v) for (v,) in rows)
+    rows = await _rows(proxy, "analyst", "SELECT cc.contact_email FROM public.customer_contacts cc LIMIT 2")
+    assert all("***" in str(v) for (v,) in rows)
+    # employee_directory reads employees, which the analyst may not read at all.
+    r = await proxy.query("analyst", "SELECT * FROM employee_directory")
+    assert r.status_code == 403
+    assert r.json()["error"]["rule"] == "analyst-no-employees"

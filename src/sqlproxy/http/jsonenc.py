@@ -13,7 +13,6 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-
 _IP_TYPES = (
     ipaddress.IPv4Address,
     ipaddress.IPv6Address,

@@ -47,7 +47,8 @@ class Catalog:
     relations: Mapping[TableName, Relation]
     version: int = field(default_factory=lambda: next(_versions))
     # Analyses of view definitions, filled lazily by the analyser; never part of equality.
-    _view_memo: dict[TableName, Any] = field(default_factory=dict, repr=False)
+    # Keys: a view's TableName (its column lineage) and ("reads", view) (its base reads).
+    _view_memo: dict[Any, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_dict(cls, spec: Mapping[str, Mapping[str, Any]]) -> Catalog:

@@ -44,7 +44,7 @@ from sqlproxy.config.models import MaskKind
 from sqlproxy.sql.analyzer import analyze_statement
 from sqlproxy.sql.catalog import Catalog
 from sqlproxy.sql.model import SqlSyntaxError, TableName
-from sqlproxy.sql.walker import fallback_schema
+from sqlproxy.sql.walker import Accumulator, QueryWalker, fallback_schema
 
 _N = TypeVar("_N", bound=ast.Node)
 
@@ -262,10 +262,16 @@ class _Rewriter:
         return tn if tn in self.directives else None
 
     def range_var(self, rv: ast.RangeVar, ctes: frozenset[str], sample: ast.RangeTableSample | None) -> Any:
-        tn = self.directed(rv, ctes)
-        if tn is None:
-            return sample if sample is not None else rv
-        sub = self.filtered_select(tn, rv.inh, sample)
+        directed = self.directed(rv, ctes)
+        if directed is None:
+            view = self.directed_view(rv, ctes)
+            if view is None:
+                return sample if sample is not None else rv
+            if sample is not None:
+                raise RewriteError(f"TABLESAMPLE on view {view} over filtered or masked tables")
+            tn, sub = view, self.inlined_view(view)
+        else:
+            tn, sub = directed, self.filtered_select(directed, rv.inh, sample)
         if rv.alias is None:
             self.dequalify.add((tn.schema, tn.name))
             if rv.schemaname:
@@ -273,6 +279,47 @@ class _Rewriter:
         alias = rv.alias if rv.alias is not None else ast.Alias(aliasname=rv.relname)
         self.changed = True
         return ast.RangeSubselect(lateral=False, subquery=sub, alias=alias)
+
+    def directed_view(self, rv: ast.RangeVar, ctes: frozenset[str]) -> TableName | None:
+        """A view whose definition reads a directed relation: it must be inlined so the filter and
+        masks apply inside it."""
+        relname = rv.relname or ""
+        if not rv.schemaname and relname in ctes:
+            return None
+        if rv.schemaname:
+            tn: TableName | None = TableName(rv.schemaname, relname)
+        else:
+            tn = self.catalog.resolve(relname, self.search_path)
+        if tn is None:
+            return None
+        kind = self.catalog.kind(tn)
+        if kind not in ("view", "matview"):
+            return None
+        # Make sure the view's base reads are known (the analyser memoizes them on the catalog).
+        QueryWalker(self.catalog, self.search_path, Accumulator()).view_lineage(tn)
+        reads = self.catalog._view_memo.get(("reads", tn), ())
+        if not any(r.table in self.directives for r in reads):
+            return None
+        if kind == "matview":
+            # A materialized view holds its own copy of the data: there is no definition to
+            # filter at read time, so refuse rather than return unmasked rows.
+            raise RewriteError(f"materialized view {tn} holds rows of a filtered or masked table")
+        return tn
+
+    def inlined_view(self, tn: TableName) -> Any:
+        rel = self.catalog.lookup(tn.schema, tn.name)
+        if rel is None or not rel.definition:
+            raise RewriteError(f"no definition for view {tn}")
+        try:
+            stmts = parse_sql(rel.definition)
+        except ParseError as e:
+            raise RewriteError(f"cannot parse the definition of view {tn}: {e}") from None
+        if len(stmts) != 1 or not isinstance(stmts[0].stmt, ast.SelectStmt):
+            raise RewriteError(f"unexpected definition for view {tn}")
+        # View definitions from pg_get_viewdef are written for the default search path.
+        inner = _Rewriter(self.directives, self.filters, self.catalog, ("public",), self.salt)
+        body = inner.visit(stmts[0].stmt, frozenset())
+        return body
 
     def filtered_select(self, tn: TableName, inh: bool | None, sample: ast.RangeTableSample | None) -> Any:
         columns = self.catalog.columns(tn)

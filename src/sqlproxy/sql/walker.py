@@ -117,6 +117,11 @@ class QueryWalker:
             return None
         if rel.kind in VIEW_KINDS:
             lineage = self.view_lineage(tn)
+            # Reading a view reads its base relations: their policies, masks and row filters
+            # apply through the view (a view must not be a way around them). Over-reports the
+            # columns of the view's definition, never under-reports.
+            for base in self.catalog._view_memo.get(("reads", tn), ()):
+                self.acc.access(base.table, base.access, base.columns, known=base.known)
             return [
                 Col(name, sources, direct, ((tn, name),))
                 for name, (sources, direct) in zip(rel.column_names, lineage, strict=True)
@@ -133,6 +138,7 @@ class QueryWalker:
             # A cycle cannot exist in PostgreSQL; if the snapshot has one, stop at the view itself.
             return own
         result = own
+        reads: tuple[RelationAccess, ...] = ()
         if rel.definition:
             try:
                 stmts = parse_sql(rel.definition)
@@ -146,7 +152,9 @@ class QueryWalker:
                     (outs[i].sources, outs[i].direct) if i < len(outs) else own[i]
                     for i in range(len(rel.columns))
                 ]
+                reads = inner.acc.relations()
         memo[tn] = tuple(result)
+        memo[("reads", tn)] = reads
         return result
 
     # ------------------------------------------------------------------ queries
