@@ -7,6 +7,7 @@ import sqlite3
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -19,11 +20,11 @@ from sqlproxy.server import build_app
 from tests.fix_proxy import ProxyHarness
 
 
-async def _records(proxy: ProxyHarness, **params: object) -> list[dict[str, object]]:
+async def _records(proxy: ProxyHarness, **params: str) -> list[dict[str, Any]]:
     await proxy.runtime.audit.flush()
     r = await proxy.client.get("/api/v1/audit", params={"limit": 1000, **params}, headers=proxy.auth("admin"))
     assert r.status_code == 200, r.text
-    records: list[dict[str, object]] = r.json()["records"]
+    records: list[dict[str, Any]] = r.json()["records"]
     return records
 
 
