@@ -20,10 +20,19 @@ KEY = bytes.fromhex("11" * 32)
 
 def rec(n: int = 0, **kw: object) -> AuditRecord:
     base: dict[str, object] = {
-        "user": "alice", "roles": ["analyst"], "source": "127.0.0.1:5000", "door": "http",
-        "database": "demo", "sql": f"SELECT {n}", "fingerprint": "fp", "statement_kinds": ["select"],
+        "user": "alice",
+        "roles": ["analyst"],
+        "source": "127.0.0.1:5000",
+        "door": "http",
+        "database": "demo",
+        "sql": f"SELECT {n}",
+        "fingerprint": "fp",
+        "statement_kinds": ["select"],
         "relations": [{"table": "public.orders", "access": "read", "columns": ["id"]}],
-        "columns": ["id"], "decision": "allow", "rows": 1, "duration_ms": 1.5,
+        "columns": ["id"],
+        "decision": "allow",
+        "rows": 1,
+        "duration_ms": 1.5,
     }
     base.update(kw)
     return AuditRecord.new(**base)  # type: ignore[arg-type]
@@ -35,6 +44,7 @@ def chain_of(n: int) -> list[AuditRecord]:
 
 
 # -- records ----------------------------------------------------------------------------------
+
 
 def test_new_record_has_id_and_fixed_width_utc_timestamp() -> None:
     r = rec()
@@ -62,11 +72,16 @@ def test_from_json_rejects_added_and_retyped_fields() -> None:
 
 
 def test_secret_like_keys_are_dropped_from_extra_at_any_depth() -> None:
-    r = rec(extra={
-        "copy": {"direction": "out", "bytes": 1234, "Api_Key": "k1"},
-        "password": "hunter2", "apiKey": "k2", "access_token": "t", "client_secret": "s",
-        "items": [{"db_password": "p", "keep": 1}],
-    })
+    r = rec(
+        extra={
+            "copy": {"direction": "out", "bytes": 1234, "Api_Key": "k1"},
+            "password": "hunter2",
+            "apiKey": "k2",
+            "access_token": "t",
+            "client_secret": "s",
+            "items": [{"db_password": "p", "keep": 1}],
+        }
+    )
     assert r.extra == {"copy": {"direction": "out", "bytes": 1234}, "items": [{"keep": 1}]}
     dumped = r.to_json()
     for secret in ("hunter2", "k1", "k2", '"t"', '"s"', '"p"'):
@@ -91,6 +106,7 @@ def test_normalize_ts_orders_as_strings() -> None:
 
 
 # -- chain ------------------------------------------------------------------------------------
+
 
 def test_hash_is_hmac_over_prev_hash_and_canonical_json_without_hash() -> None:
     first, second = chain_of(2)
@@ -123,6 +139,7 @@ def test_different_key_fails_every_record() -> None:
 
 
 # -- verification of in-memory sequences --------------------------------------------------------
+
 
 def test_intact_chain_verifies_with_head() -> None:
     records = chain_of(5)
@@ -165,8 +182,10 @@ def test_record_replaced_with_a_correctly_hashed_foreign_record_breaks_the_link(
     assert forged.seq == 2 and verify([forged], KEY, require_genesis=False).ok
     records[1] = forged
     report = verify(records, KEY)
-    assert [(p.seq, p.kind) for p in report.problems] == [(2, ProblemKind.BROKEN_LINK),
-                                                         (3, ProblemKind.BROKEN_LINK)]
+    assert [(p.seq, p.kind) for p in report.problems] == [
+        (2, ProblemKind.BROKEN_LINK),
+        (3, ProblemKind.BROKEN_LINK),
+    ]
 
 
 def test_truncation_detected_against_head() -> None:
@@ -192,6 +211,7 @@ def test_missing_start_detected_only_when_genesis_required() -> None:
 
 # -- key --------------------------------------------------------------------------------------
 
+
 def test_generated_key_is_private_and_reused(tmp_path: Path) -> None:
     path = tmp_path / "state" / "audit" / "chain.key"
     k1 = load_or_create_key(env_var=None, key_file=None, default_path=path, env={})
@@ -205,12 +225,14 @@ def test_generated_key_is_private_and_reused(tmp_path: Path) -> None:
 
 def test_key_from_environment_variable_wins(tmp_path: Path) -> None:
     default = tmp_path / "chain.key"
-    key = load_or_create_key(env_var="AUDIT_KEY", key_file=None, default_path=default,
-                             env={"AUDIT_KEY": "ab" * 32})
+    key = load_or_create_key(
+        env_var="AUDIT_KEY", key_file=None, default_path=default, env={"AUDIT_KEY": "ab" * 32}
+    )
     assert key == bytes.fromhex("ab" * 32)
     assert not default.exists()
-    passphrase = load_or_create_key(env_var="AUDIT_KEY", key_file=None, default_path=default,
-                                    env={"AUDIT_KEY": "not hex but long enough"})
+    passphrase = load_or_create_key(
+        env_var="AUDIT_KEY", key_file=None, default_path=default, env={"AUDIT_KEY": "not hex but long enough"}
+    )
     assert passphrase == b"not hex but long enough"
 
 
@@ -227,7 +249,8 @@ def test_key_file_is_read_and_short_keys_refused(tmp_path: Path) -> None:
     f = tmp_path / "k"
     f.write_text("cd" * 32 + "\n")
     assert load_or_create_key(env_var=None, key_file=f, default_path=tmp_path / "d", env={}) == bytes.fromhex(
-        "cd" * 32)
+        "cd" * 32
+    )
     f.write_text("abcd")
     with pytest.raises(ValueError, match="shorter"):
         load_or_create_key(env_var=None, key_file=f, default_path=tmp_path / "d", env={})
@@ -235,6 +258,12 @@ def test_key_file_is_read_and_short_keys_refused(tmp_path: Path) -> None:
 
 def test_compute_hash_depends_on_every_field() -> None:
     r = chain_of(1)[0]
-    for change in ({"user": None}, {"seq": 2}, {"decision": "deny"}, {"extra": {"a": 1}},
-                   {"prev_hash": "1" * 64}, {"duration_ms": 1.25}):
+    for change in (
+        {"user": None},
+        {"seq": 2},
+        {"decision": "deny"},
+        {"extra": {"a": 1}},
+        {"prev_hash": "1" * 64},
+        {"duration_ms": 1.25},
+    ):
         assert compute_hash(KEY, replace(r, **change)) != r.hash, change

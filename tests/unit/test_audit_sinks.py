@@ -20,10 +20,18 @@ KEY = bytes.fromhex("22" * 32)
 
 def rec(n: int = 0, **kw: object) -> AuditRecord:
     base: dict[str, object] = {
-        "user": "alice", "roles": ["analyst"], "source": "10.0.0.1:4000", "door": "wire",
-        "database": "demo", "sql": f"SELECT {n}", "statement_kinds": ["select"],
+        "user": "alice",
+        "roles": ["analyst"],
+        "source": "10.0.0.1:4000",
+        "door": "wire",
+        "database": "demo",
+        "sql": f"SELECT {n}",
+        "statement_kinds": ["select"],
         "relations": [{"table": "public.orders", "access": "read", "columns": ["id"]}],
-        "columns": ["id"], "decision": "allow", "rows": 1, "duration_ms": 0.5,
+        "columns": ["id"],
+        "decision": "allow",
+        "rows": 1,
+        "duration_ms": 0.5,
     }
     base.update(kw)
     return AuditRecord.new(**base)  # type: ignore[arg-type]
@@ -52,6 +60,7 @@ def db_exec(path: Path, *statements: tuple[str, tuple[object, ...]]) -> None:
 
 # -- SQLite store -------------------------------------------------------------------------------
 
+
 async def test_store_roundtrip_head_last_get_after(tmp_path: Path) -> None:
     store, records = await stored(tmp_path, 6)
     try:
@@ -69,9 +78,13 @@ async def test_store_uses_wal_and_has_indexes(tmp_path: Path) -> None:
     await store.close()
     conn = sqlite3.connect(tmp_path / "audit.db")
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    indexed = {r[0] for r in conn.execute(
-        "SELECT il.name FROM sqlite_master m, pragma_index_list(m.name) l, pragma_index_info(l.name) il "
-        "WHERE m.name = 'audit_records'")}
+    indexed = {
+        r[0]
+        for r in conn.execute(
+            "SELECT il.name FROM sqlite_master m, pragma_index_list(m.name) l, pragma_index_info(l.name) il "
+            "WHERE m.name = 'audit_records'"
+        )
+    }
     assert {"ts", "user", "decision", "seq"} <= indexed | {"seq"}  # seq is the rowid key
     assert conn.execute("SELECT seq FROM chain_head").fetchone() == (2,)
     conn.close()
@@ -94,19 +107,43 @@ async def test_store_query_filters(tmp_path: Path) -> None:
     c = Chain(KEY)
     rows = [
         c.append(rec(1, user="alice", ts="2024-01-01T10:00:00.000000Z")),
-        c.append(rec(2, user="bob", decision="deny", statement_kinds=["delete"],
-                     relations=[{"table": "hr.salaries", "access": "write", "columns": []}],
-                     ts="2024-01-02T10:00:00.000000Z")),
-        c.append(rec(3, user=None, decision="unauthenticated", relations=[], statement_kinds=[],
-                     ts="2024-01-03T10:00:00.000000Z")),
-        c.append(rec(4, user="alice", statement_kinds=["SELECT", "insert"],
-                     relations=[{"table": "public.orders", "access": "read", "columns": ["id"]},
-                                {"table": "audit.orders_copy", "access": "write", "columns": []}],
-                     ts="2024-01-04T10:00:00.000000Z")),
+        c.append(
+            rec(
+                2,
+                user="bob",
+                decision="deny",
+                statement_kinds=["delete"],
+                relations=[{"table": "hr.salaries", "access": "write", "columns": []}],
+                ts="2024-01-02T10:00:00.000000Z",
+            )
+        ),
+        c.append(
+            rec(
+                3,
+                user=None,
+                decision="unauthenticated",
+                relations=[],
+                statement_kinds=[],
+                ts="2024-01-03T10:00:00.000000Z",
+            )
+        ),
+        c.append(
+            rec(
+                4,
+                user="alice",
+                statement_kinds=["SELECT", "insert"],
+                relations=[
+                    {"table": "public.orders", "access": "read", "columns": ["id"]},
+                    {"table": "audit.orders_copy", "access": "write", "columns": []},
+                ],
+                ts="2024-01-04T10:00:00.000000Z",
+            )
+        ),
     ]
     store = SqliteStore(tmp_path / "q.db")
     await store.write_batch(rows)
     try:
+
         def seqs(found: list[AuditRecord]) -> list[int]:
             return [r.seq for r in found]
 
@@ -136,6 +173,7 @@ async def test_store_query_filters(tmp_path: Path) -> None:
 
 # -- tampering with the SQLite store ------------------------------------------------------------
 
+
 def _modify(db: Path) -> None:
     db_exec(db, ("UPDATE audit_records SET sql = 'SELECT 1 -- nothing to see' WHERE seq = 3", ()))
 
@@ -150,9 +188,12 @@ def _insert(db: Path) -> None:
         db,
         ("UPDATE audit_records SET seq = seq + 1000 WHERE seq >= 3", ()),
         ("UPDATE audit_records SET seq = seq - 999 WHERE seq >= 1003", ()),
-        ("INSERT INTO audit_records SELECT 3, id, ts, user, roles, source, door, database, sql, "
-         "fingerprint, statement_kinds, relations, columns, decision, rule, reason, rows, duration_ms, "
-         "classifications, sqlstate, error, extra, prev_hash, hash FROM audit_records WHERE seq = 2", ()),
+        (
+            "INSERT INTO audit_records SELECT 3, id, ts, user, roles, source, door, database, sql, "
+            "fingerprint, statement_kinds, relations, columns, decision, rule, reason, rows, duration_ms, "
+            "classifications, sqlstate, error, extra, prev_hash, hash FROM audit_records WHERE seq = 2",
+            (),
+        ),
         ("UPDATE chain_head SET seq = seq + 1", ()),
     )
 
@@ -184,8 +225,15 @@ def _corrupt_json(db: Path) -> None:
         (_modify, {(3, ProblemKind.MODIFIED)}),
         (_delete, {(3, ProblemKind.DELETED)}),
         # seq is hashed, so every renumbered record fails too; the copy does not link to seq 2.
-        (_insert, {(3, ProblemKind.MODIFIED), (3, ProblemKind.BROKEN_LINK), (4, ProblemKind.MODIFIED),
-                   (7, ProblemKind.MODIFIED)}),
+        (
+            _insert,
+            {
+                (3, ProblemKind.MODIFIED),
+                (3, ProblemKind.BROKEN_LINK),
+                (4, ProblemKind.MODIFIED),
+                (7, ProblemKind.MODIFIED),
+            },
+        ),
         (_reorder, {(2, ProblemKind.MODIFIED), (3, ProblemKind.MODIFIED)}),
         (_truncate, {(5, ProblemKind.TRUNCATED)}),
         (_head_moved, {(6, ProblemKind.HEAD_MISMATCH)}),
@@ -210,6 +258,7 @@ async def test_sqlite_tampering_detected(
 
 
 # -- JSONL ----------------------------------------------------------------------------------------
+
 
 async def test_jsonl_writes_one_line_per_record(tmp_path: Path) -> None:
     path = tmp_path / "audit" / "audit.jsonl"
@@ -272,8 +321,12 @@ async def test_jsonl_rotation_drops_oldest_beyond_keep_files(tmp_path: Path) -> 
     sink = JsonlSink(path, rotate_bytes=rotate, keep_files=3)
     await sink.write_batch(records)
     await sink.close()
-    assert [f.name for f in all_jsonl_files(path)] == ["audit.jsonl.3", "audit.jsonl.2", "audit.jsonl.1",
-                                                      "audit.jsonl"]
+    assert [f.name for f in all_jsonl_files(path)] == [
+        "audit.jsonl.3",
+        "audit.jsonl.2",
+        "audit.jsonl.1",
+        "audit.jsonl",
+    ]
     report = verify_jsonl(path, KEY, ChainState(30, records[-1].hash))
     assert report.ok and report.last_seq == 30 and report.first_seq is not None and report.first_seq > 1
     strict = verify_jsonl(path, KEY, require_genesis=True)
@@ -313,6 +366,7 @@ async def test_torn_last_line_stays_isolated_after_restart(tmp_path: Path) -> No
 
 
 # -- tampering with JSONL -----------------------------------------------------------------------
+
 
 def _lines(path: Path) -> list[str]:
     return path.read_text(encoding="utf-8").splitlines(keepends=True)

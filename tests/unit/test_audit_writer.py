@@ -20,8 +20,13 @@ KEY = bytes.fromhex("33" * 32)
 
 def rec(n: int = 0, **kw: object) -> AuditRecord:
     base: dict[str, object] = {
-        "user": "carol", "roles": [], "source": "127.0.0.1", "door": "ws", "sql": f"SELECT {n}",
-        "decision": "allow", "duration_ms": 2.0,
+        "user": "carol",
+        "roles": [],
+        "source": "127.0.0.1",
+        "door": "ws",
+        "sql": f"SELECT {n}",
+        "decision": "allow",
+        "duration_ms": 2.0,
     }
     base.update(kw)
     return AuditRecord.new(**base)  # type: ignore[arg-type]
@@ -70,8 +75,13 @@ def paths(tmp_path: Path) -> tuple[Path, Path]:
 def make_writer(tmp_path: Path, *, jsonl: bool = True, **kw: int) -> AuditWriter:
     db, jl = paths(tmp_path)
     sinks = [JsonlSink(jl, rotate_bytes=4096, keep_files=100)] if jsonl else []
-    return AuditWriter(sinks=sinks, store=SqliteStore(db), key=KEY, queue_size=kw.get("queue_size", 100),
-                       batch_size=kw.get("batch_size", 8))
+    return AuditWriter(
+        sinks=sinks,
+        store=SqliteStore(db),
+        key=KEY,
+        queue_size=kw.get("queue_size", 100),
+        batch_size=kw.get("batch_size", 8),
+    )
 
 
 async def full_check(tmp_path: Path, expected: int) -> None:
@@ -183,8 +193,14 @@ async def test_cancelled_wait_leaves_no_hole_in_the_chain(tmp_path: Path) -> Non
 
 async def test_failing_sink_is_retried_and_keeps_its_records(tmp_path: Path) -> None:
     flaky = FlakySink(failures=3)
-    w = AuditWriter(sinks=[flaky], store=SqliteStore(tmp_path / "a.db"), key=KEY, queue_size=50,
-                    batch_size=50, retry_initial_s=0.0)
+    w = AuditWriter(
+        sinks=[flaky],
+        store=SqliteStore(tmp_path / "a.db"),
+        key=KEY,
+        queue_size=50,
+        batch_size=50,
+        retry_initial_s=0.0,
+    )
     await w.start()
     sent = [await w.submit(rec(i)) for i in range(7)]
     await w.flush()
@@ -203,8 +219,14 @@ async def test_failing_store_retry_does_not_duplicate(tmp_path: Path) -> None:
                 self.left -= 1
                 raise OSError("lost the reply")
 
-    w = AuditWriter(sinks=[], store=FlakyStore(tmp_path / "a.db"), key=KEY, queue_size=10, batch_size=3,
-                    retry_initial_s=0.0)
+    w = AuditWriter(
+        sinks=[],
+        store=FlakyStore(tmp_path / "a.db"),
+        key=KEY,
+        queue_size=10,
+        batch_size=3,
+        retry_initial_s=0.0,
+    )
     await w.start()
     for i in range(5):
         await w.submit(rec(i))
@@ -283,8 +305,9 @@ def _all_files(d: Path) -> dict[str, bytes]:
 async def test_secrets_never_reach_the_store(tmp_path: Path) -> None:
     w = make_writer(tmp_path)
     await w.start()
-    await w.submit(rec(extra={"copy": {"direction": "in", "bytes": 10}, "password": "hunter2",
-                              "token": "tok-123"}))
+    await w.submit(
+        rec(extra={"copy": {"direction": "in", "bytes": 10}, "password": "hunter2", "token": "tok-123"})
+    )
     await w.close()
     db, _ = paths(tmp_path)
     blobs = _all_files(tmp_path)  # the database, any WAL left behind, and the JSONL file

@@ -65,6 +65,7 @@ class Chain:
 
 # -- the key --------------------------------------------------------------------------------------
 
+
 def _decode_key(text: str, where: str) -> bytes:
     text = text.strip()
     if not text:

@@ -189,8 +189,9 @@ class AuditRecord:
         return canonical_json(self.hashed_dict())
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                          allow_nan=False)
+        return json.dumps(
+            self.to_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+        )
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AuditRecord:
@@ -220,12 +221,30 @@ _OPT_STR = (str, type(None))
 # What a decoded record's fields must be. Checked on reading so that a value that would only be
 # coerced on construction (a string where a list belongs) is refused instead of hashing equal.
 _FIELD_TYPES: dict[str, tuple[type, ...]] = {
-    "id": _STR, "ts": _STR, "user": _OPT_STR, "roles": (list,), "source": _STR, "door": _STR,
-    "database": _OPT_STR, "sql": _OPT_STR, "fingerprint": _OPT_STR, "statement_kinds": (list,),
-    "relations": (list,), "columns": (list,), "decision": _STR, "rule": _OPT_STR,
-    "reason": _OPT_STR, "rows": (int, type(None)), "duration_ms": (int, float),
-    "classifications": (dict,), "sqlstate": _OPT_STR, "error": _OPT_STR, "extra": (dict,),
-    "seq": (int,), "prev_hash": _STR, "hash": _STR,
+    "id": _STR,
+    "ts": _STR,
+    "user": _OPT_STR,
+    "roles": (list,),
+    "source": _STR,
+    "door": _STR,
+    "database": _OPT_STR,
+    "sql": _OPT_STR,
+    "fingerprint": _OPT_STR,
+    "statement_kinds": (list,),
+    "relations": (list,),
+    "columns": (list,),
+    "decision": _STR,
+    "rule": _OPT_STR,
+    "reason": _OPT_STR,
+    "rows": (int, type(None)),
+    "duration_ms": (int, float),
+    "classifications": (dict,),
+    "sqlstate": _OPT_STR,
+    "error": _OPT_STR,
+    "extra": (dict,),
+    "seq": (int,),
+    "prev_hash": _STR,
+    "hash": _STR,
 }
 
 

@@ -65,6 +65,7 @@ class AuditStore(Sink, Protocol):
 
 # -- JSON lines ----------------------------------------------------------------------------------
 
+
 class JsonlSink:
     """``audit.jsonl`` plus rotated ``audit.jsonl.1`` (newest) … ``audit.jsonl.N`` (oldest).
 
@@ -248,9 +249,30 @@ def _fsync_dir(path: Path) -> None:
 
 # Column order of audit_records; the JSON-typed ones are stored as JSON text.
 _COLUMNS = (
-    "seq", "id", "ts", "user", "roles", "source", "door", "database", "sql", "fingerprint",
-    "statement_kinds", "relations", "columns", "decision", "rule", "reason", "rows", "duration_ms",
-    "classifications", "sqlstate", "error", "extra", "prev_hash", "hash",
+    "seq",
+    "id",
+    "ts",
+    "user",
+    "roles",
+    "source",
+    "door",
+    "database",
+    "sql",
+    "fingerprint",
+    "statement_kinds",
+    "relations",
+    "columns",
+    "decision",
+    "rule",
+    "reason",
+    "rows",
+    "duration_ms",
+    "classifications",
+    "sqlstate",
+    "error",
+    "extra",
+    "prev_hash",
+    "hash",
 )
 _JSON_COLUMNS = frozenset({"roles", "statement_kinds", "relations", "columns", "classifications", "extra"})
 _COLS_SQL = ", ".join(f'"{c}"' for c in _COLUMNS)
@@ -297,7 +319,8 @@ CREATE TABLE IF NOT EXISTS chain_head (
 def _to_row(r: AuditRecord) -> tuple[Any, ...]:
     d = r.to_dict()
     return tuple(
-        json.dumps(d[c], sort_keys=True, separators=(",", ":"), ensure_ascii=False) if c in _JSON_COLUMNS
+        json.dumps(d[c], sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        if c in _JSON_COLUMNS
         else d[c]
         for c in _COLUMNS
     )
@@ -459,20 +482,20 @@ class SqliteStore:
         if table is not None:
             if "." in table:
                 where.append(
-                    "EXISTS (SELECT 1 FROM json_each(audit_records.\"relations\") j "
+                    'EXISTS (SELECT 1 FROM json_each(audit_records."relations") j '
                     "WHERE json_extract(j.value, '$.table') = ?)"
                 )
                 args.append(table)
             else:
                 where.append(
-                    "EXISTS (SELECT 1 FROM json_each(audit_records.\"relations\") j "
+                    'EXISTS (SELECT 1 FROM json_each(audit_records."relations") j '
                     "WHERE json_extract(j.value, '$.table') = ? "
                     "OR substr(json_extract(j.value, '$.table'), -?) = ?)"
                 )
                 args.extend([table, len(table) + 1, "." + table])
         if kind is not None:
             where.append(
-                "EXISTS (SELECT 1 FROM json_each(audit_records.\"statement_kinds\") k "
+                'EXISTS (SELECT 1 FROM json_each(audit_records."statement_kinds") k '
                 "WHERE lower(k.value) = lower(?))"
             )
             args.append(kind)

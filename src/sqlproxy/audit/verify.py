@@ -111,8 +111,9 @@ class ChainVerifier:
         if prev is None:
             if self._require_genesis:
                 if r.seq > 1:
-                    self._add(r.seq, ProblemKind.DELETED,
-                              f"seq 1..{r.seq - 1} missing before the first record")
+                    self._add(
+                        r.seq, ProblemKind.DELETED, f"seq 1..{r.seq - 1} missing before the first record"
+                    )
                 elif r.seq == 1 and r.prev_hash != GENESIS_HASH:
                     self._add(r.seq, ProblemKind.BROKEN_LINK, "first record does not link to the zero hash")
                 elif r.seq < 1:
@@ -122,8 +123,9 @@ class ChainVerifier:
 
         if r.seq == prev.seq + 1:
             if r.prev_hash != prev.hash:
-                self._add(r.seq, ProblemKind.BROKEN_LINK,
-                          f"prev_hash does not match the hash of seq {prev.seq}")
+                self._add(
+                    r.seq, ProblemKind.BROKEN_LINK, f"prev_hash does not match the hash of seq {prev.seq}"
+                )
         elif r.seq > prev.seq + 1:
             lo, hi = prev.seq + 1, r.seq - 1
             self._add(lo, ProblemKind.DELETED, f"seq {lo}..{hi} missing" if hi > lo else f"seq {lo} missing")
@@ -141,14 +143,21 @@ class ChainVerifier:
         if head is not None:
             last_seq = 0 if last is None else last.seq
             if last_seq < head.seq:
-                self._add(last_seq + 1, ProblemKind.TRUNCATED,
-                          f"head is at seq {head.seq} but the records end at {last_seq}")
+                self._add(
+                    last_seq + 1,
+                    ProblemKind.TRUNCATED,
+                    f"head is at seq {head.seq} but the records end at {last_seq}",
+                )
             elif last_seq > head.seq:
-                self._add(head.seq + 1, ProblemKind.BEYOND_HEAD,
-                          f"records continue to seq {last_seq} past the head at {head.seq}")
+                self._add(
+                    head.seq + 1,
+                    ProblemKind.BEYOND_HEAD,
+                    f"records continue to seq {last_seq} past the head at {head.seq}",
+                )
             elif last is not None and last.hash != head.head_hash:
-                self._add(last.seq, ProblemKind.HEAD_MISMATCH,
-                          "head hash differs from the last record's hash")
+                self._add(
+                    last.seq, ProblemKind.HEAD_MISMATCH, "head hash differs from the last record's hash"
+                )
         return rep
 
 

@@ -98,8 +98,11 @@ class AuditWriter:
         if last is None or last.seq < head.seq:
             # Records were removed behind the head's back. Continuing from the head keeps the
             # hole visible to verify instead of papering over it with reused seqs.
-            log.error("audit store: chain head is at seq %d but the last record is %s",
-                      head.seq, None if last is None else last.seq)
+            log.error(
+                "audit store: chain head is at seq %d but the last record is %s",
+                head.seq,
+                None if last is None else last.seq,
+            )
             return head
         if last.seq > head.seq:
             # Resuming from the head would reuse seqs that exist; continue after the last record.
@@ -117,8 +120,12 @@ class AuditWriter:
             if got is None or got == state.seq:
                 continue
             if got > state.seq:
-                log.error("audit sink %r is ahead of the store (seq %d > %d); the store lost records",
-                          sink, got, state.seq)
+                log.error(
+                    "audit sink %r is ahead of the store (seq %d > %d); the store lost records",
+                    sink,
+                    got,
+                    state.seq,
+                )
                 continue
             # A crash between the store commit and the sink write: replay the difference.
             after = got
@@ -215,7 +222,12 @@ class AuditWriter:
                 return
             except Exception:
                 self.failures += 1
-                log.exception("audit: writing seq %d..%d to %r failed; retrying in %.2fs",
-                              batch[0].seq, batch[-1].seq, target, delay)
+                log.exception(
+                    "audit: writing seq %d..%d to %r failed; retrying in %.2fs",
+                    batch[0].seq,
+                    batch[-1].seq,
+                    target,
+                    delay,
+                )
                 await asyncio.sleep(delay)
                 delay = min(self._retry_max_s, max(delay * 2, 0.001)) if delay else 0.0

@@ -82,7 +82,7 @@ def run_demo(state_dir: Path, http_port: int) -> None:
             "# what the analyser and the policy say, without running anything:",
             f'curl -s {base}/api/v1/query/dry-run -H "Authorization: Bearer $DEVELOPER" '
             '-d \'{"sql": "SELECT c.email, o.total FROM customers c '
-            'JOIN orders o ON o.customer_id = c.id"}\'',
+            "JOIN orders o ON o.customer_id = c.id\"}'",
             "# the audit trail (the auditor sees everyone's):",
             f"curl -s '{base}/api/v1/audit?limit=5' -H \"Authorization: Bearer $AUDITOR\"",
             "# verify the audit hash chain:",
