@@ -7,7 +7,21 @@ from sqlproxy.audit.verify import Problem, ProblemKind, VerifyReport, verify, ve
 from sqlproxy.audit.writer import AuditWriter
 
 __all__ = [
-    "AuditRecord", "AuditStore", "AuditWriter", "Chain", "ChainState", "JsonlSink", "Problem",
-    "ProblemKind", "Sink", "SqliteStore", "VerifyReport", "compute_hash", "drop_secrets",
-    "load_or_create_key", "verify", "verify_jsonl", "verify_store",
+    "AuditRecord",
+    "AuditStore",
+    "AuditWriter",
+    "Chain",
+    "ChainState",
+    "JsonlSink",
+    "Problem",
+    "ProblemKind",
+    "Sink",
+    "SqliteStore",
+    "VerifyReport",
+    "compute_hash",
+    "drop_secrets",
+    "load_or_create_key",
+    "verify",
+    "verify_jsonl",
+    "verify_store",
 ]
