@@ -1,0 +1,123 @@
+"""Rate limiting through the real HTTP API on the demo configuration: 429 + Retry-After, the
+audit record, the rate-limits endpoint, metrics and a reload that keeps the bucket state."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import pytest_asyncio
+
+from sqlproxy.config.loader import ConfigHolder, load_config
+from sqlproxy.demo.launcher import write_demo_config
+from sqlproxy.runtime import Runtime
+from sqlproxy.server import build_app
+
+# The analyst may send 2 requests at once and then one every 1000 s: nothing refills during a test.
+ANALYST_LIMIT = "\n[rate_limits.users.analyst]\nrate = 0.001\nburst = 2\n"
+
+
+@dataclass
+class Limited:
+    runtime: Runtime
+    client: httpx.AsyncClient
+    keys: dict[str, str]
+    config_path: Path
+
+    def auth(self, user: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.keys[user]}"}
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def limited(demo_dsn: str, tmp_path: Path, demo_keys: dict[str, str]) -> AsyncIterator[Limited]:
+    path = write_demo_config(tmp_path, demo_dsn, 8080, demo_keys)
+    path.write_text(path.read_text() + ANALYST_LIMIT)
+    holder = ConfigHolder(load_config(path), path)
+    app = build_app(holder, env={})
+    runtime: Runtime = app.state.runtime
+    await runtime.start()
+    transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 40001))
+    async with httpx.AsyncClient(transport=transport, base_url="http://sqlproxy.test") as client:
+        yield Limited(runtime, client, demo_keys, path)
+    await runtime.close()
+
+
+async def _query(p: Limited, user: str) -> httpx.Response:
+    return await p.client.post("/api/v1/query", json={"sql": "SELECT 1 AS one"}, headers=p.auth(user))
+
+
+async def test_over_the_limit_is_429_with_retry_after_and_is_audited(limited: Limited) -> None:
+    p = limited
+    for _ in range(2):
+        r = await _query(p, "analyst")
+        assert r.status_code == 200, r.text
+    r = await _query(p, "analyst")
+    assert r.status_code == 429
+    assert int(r.headers["retry-after"]) >= 1
+    err = r.json()["error"]
+    assert err["code"] == "rate_limited"
+    assert err["sqlstate"] == "53400"
+    assert err["rule"] == "rate-limit:user"
+    assert "per-user limit for 'analyst'" in err["message"]
+    assert err["retry_after"] > 0
+    rejected_id = r.json()["id"]
+    # Other users are not affected by the analyst's budget.
+    assert (await _query(p, "developer")).status_code == 200
+
+    # The rejection left an audit record saying so (the writer is asynchronous: poll briefly).
+    deadline = time.monotonic() + 10
+    records: list[dict[str, object]] = []
+    while time.monotonic() < deadline:
+        a = await p.client.get("/api/v1/audit", params={"decision": "rate_limited"}, headers=p.auth("admin"))
+        assert a.status_code == 200
+        records = [rec for rec in a.json()["records"] if rec["id"] == rejected_id]
+        if records:
+            break
+    assert records, "no audit record for the rate-limited request"
+    rec = records[0]
+    assert rec["user"] == "analyst"
+    assert rec["decision"] == "rate_limited"
+    assert rec["sqlstate"] == "53400"
+    assert rec["rule"] == "rate-limit:user"
+
+    m = (await p.client.get("/metrics")).text
+    assert 'sqlproxy_ratelimit_decisions_total{level="user",result="rejected"} 1.0' in m
+
+
+async def test_rate_limits_endpoint_is_admin_only_and_shows_buckets(limited: Limited) -> None:
+    p = limited
+    await _query(p, "analyst")
+    r = await p.client.get("/api/v1/rate-limits", headers=p.auth("analyst"))
+    assert r.status_code == 403
+    r = await p.client.get("/api/v1/rate-limits", headers=p.auth("admin"))
+    assert r.status_code == 200
+    body = r.json()
+    assert body["enabled"] is True
+    assert body["limits"]["users"]["analyst"] == {"rate": 0.001, "burst": 2.0}
+    by_key = {b["key"]: b for b in body["buckets"]}
+    assert by_key["user:analyst"]["local"]["tokens"] == pytest.approx(1, abs=0.01)
+    assert "global" in by_key
+    assert body["distributed"] == {"enabled": False}
+
+
+async def test_reload_applies_new_limits_and_keeps_the_bucket(limited: Limited) -> None:
+    p = limited
+    for _ in range(2):
+        assert (await _query(p, "analyst")).status_code == 200
+    assert (await _query(p, "analyst")).status_code == 429
+    # A larger burst does not refill the bucket: a reload is not a way around a limit.
+    text = p.config_path.read_text().replace(ANALYST_LIMIT, ANALYST_LIMIT.replace("burst = 2", "burst = 5"))
+    p.config_path.write_text(text)
+    r = await p.client.post("/api/v1/admin/reload", headers=p.auth("admin"))
+    assert r.status_code == 200, r.text
+    assert (await _query(p, "analyst")).status_code == 429
+    limits = (await p.client.get("/api/v1/rate-limits", headers=p.auth("admin"))).json()["limits"]
+    assert limits["users"]["analyst"]["burst"] == 5
+    # Removing the limit lifts it at once.
+    p.config_path.write_text(text.replace(ANALYST_LIMIT.replace("burst = 2", "burst = 5"), ""))
+    assert (await p.client.post("/api/v1/admin/reload", headers=p.auth("admin"))).status_code == 200
+    assert (await _query(p, "analyst")).status_code == 200
