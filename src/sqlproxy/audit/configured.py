@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sqlproxy.audit.chain import load_or_create_key
-from sqlproxy.audit.sinks import SqliteStore
+from sqlproxy.audit.pg_store import URL_SCHEMES, PgStore
+from sqlproxy.audit.sinks import AuditStore, SqliteStore
 from sqlproxy.audit.verify import VerifyReport, verify_jsonl, verify_store
 from sqlproxy.config.models import ProxyConfig
 
@@ -39,6 +40,26 @@ def state_path(config: ProxyConfig, rel: str) -> Path:
     return p if p.is_absolute() else Path(config.server.state_dir) / p
 
 
+def audit_node_id(config: ProxyConfig) -> str:
+    """The id naming this node's chain in a shared store: the stream door's node id, so a
+    resume cursor and the chain it points into name the same thing."""
+    # Imported here: the stream package pulls in Redis and HTTP code a SQLite setup never needs.
+    from sqlproxy.stream.hub import load_node_id
+
+    return load_node_id(Path(config.server.state_dir), config.stream.node_id)
+
+
+def store_from_config(config: ProxyConfig) -> AuditStore:
+    """The store ``audit.store`` names: ``sqlite:///PATH`` (relative to state_dir) or a
+    ``postgresql://`` URL (this node's chain in it)."""
+    url = config.audit.store
+    if url.startswith("sqlite:///"):
+        return SqliteStore(state_path(config, url[len("sqlite:///") :]))
+    if url.startswith(URL_SCHEMES):
+        return PgStore(url, audit_node_id(config))
+    raise ValueError("audit.store: expected sqlite:///PATH or postgresql://...")
+
+
 async def verify_configured_async(config: ProxyConfig, env: Mapping[str, str]) -> ConfiguredReport:
     a = config.audit
     key = load_or_create_key(
@@ -47,9 +68,7 @@ async def verify_configured_async(config: ProxyConfig, env: Mapping[str, str]) -
         default_path=state_path(config, "audit/chain.key"),
         env=env,
     )
-    if not a.store.startswith("sqlite:///"):
-        raise ValueError("audit.store: only sqlite:///PATH is supported in this version")
-    store = SqliteStore(state_path(config, a.store[len("sqlite:///") :]))
+    store = store_from_config(config)
     try:
         store_report = await verify_store(store, key)
         head = await store.head()

@@ -11,12 +11,13 @@ bytes hashed are exactly the bytes any store reads back.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
 import re
 import uuid
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any
 
@@ -174,13 +175,21 @@ class AuditRecord:
         )
 
     def with_chain(self, seq: int, prev_hash: str, hash: str) -> AuditRecord:
-        return replace(self, seq=seq, prev_hash=prev_hash, hash=hash)
+        # Not dataclasses.replace: that re-runs __post_init__, whose JSON normalisation has
+        # already been done once for this record (it is on every request's path).
+        new = copy.copy(self)
+        object.__setattr__(new, "seq", seq)
+        object.__setattr__(new, "prev_hash", prev_hash)
+        object.__setattr__(new, "hash", hash)
+        return new
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        # Shallow: the nested values were normalised to plain JSON data in __post_init__ and a
+        # frozen record never changes them; asdict's deep copy cost more than the hashing.
+        return {name: getattr(self, name) for name in _FIELD_NAMES}
 
     def hashed_dict(self) -> dict[str, Any]:
-        d = asdict(self)
+        d = self.to_dict()
         del d["hash"]
         return d
 
@@ -246,6 +255,9 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "prev_hash": _STR,
     "hash": _STR,
 }
+
+
+_FIELD_NAMES = tuple(f.name for f in fields(AuditRecord))
 
 
 @dataclass(frozen=True, slots=True)
