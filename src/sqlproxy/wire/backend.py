@@ -1,0 +1,280 @@
+"""One upstream PostgreSQL connection, on an asyncio Protocol.
+
+Connecting and logging in (with the proxy's own DSN credentials, SCRAM or MD5) is a plain
+coroutine. After that the connection is driven by its :class:`~sqlproxy.wire.pump.ResponsePump`:
+every byte the server sends is matched, in ``data_received`` itself, against the responses the
+session said to expect, and forwarded to the client transport (or swallowed, for what the proxy
+sent on its own behalf). No task switch sits between a server reply and the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from psycopg.conninfo import conninfo_to_dict
+
+from sqlproxy.pipeline.errors import UpstreamUnavailable
+from sqlproxy.protocol.framing import BackendDecoder
+from sqlproxy.protocol.md5 import md5_password_hash, md5_response_from_hash
+from sqlproxy.protocol.messages import (
+    AuthenticationCleartextPassword,
+    AuthenticationMD5Password,
+    AuthenticationOk,
+    AuthenticationSASL,
+    AuthenticationSASLContinue,
+    AuthenticationSASLFinal,
+    BackendKeyData,
+    CancelRequest,
+    ErrorResponse,
+    ParameterStatus,
+    PasswordMessage,
+    ReadyForQuery,
+    SASLInitialResponse,
+    SASLResponse,
+    SSLRequest,
+    SSLResponse,
+    StartupMessage,
+)
+from sqlproxy.protocol.scram import ScramClient
+
+if TYPE_CHECKING:
+    from sqlproxy.wire.pump import ResponsePump
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamTarget:
+    """Where and as whom the proxy logs in upstream, parsed once from the database's DSN."""
+
+    host: str
+    port: int
+    user: str
+    password: str | None
+    database: str
+    sslmode: str
+
+    @classmethod
+    def from_dsn(cls, dsn: str) -> UpstreamTarget:
+        d = conninfo_to_dict(dsn)
+        host = str(d.get("host") or "127.0.0.1").split(",")[0]
+        return cls(
+            host=host,
+            port=int(str(d.get("port") or 5432).split(",")[0]),
+            user=str(d.get("user") or "postgres"),
+            password=str(d["password"]) if d.get("password") is not None else None,
+            database=str(d.get("dbname") or d.get("user") or "postgres"),
+            sslmode=str(d.get("sslmode") or "prefer"),
+        )
+
+
+class BackendConnection(asyncio.Protocol):
+    """A logged-in server connection. ``pump`` owns the byte stream once login is done."""
+
+    def __init__(self, target: UpstreamTarget) -> None:
+        self.target = target
+        self.transport: asyncio.Transport | None = None
+        self.decoder = BackendDecoder()
+        self.pump: ResponsePump | None = None
+        self.closed = False
+        self.parameters: dict[str, str] = {}
+        self.pid = 0
+        self.secret = b""
+        # Server-side prepared statement names this connection holds (see wire.statements).
+        self.prepared: set[str] = set()
+        # Which client statement the unnamed server statement currently is (identity compared).
+        self.unnamed_owner: object | None = None
+        # The settings (sqlproxy.user, the client's SETs) last applied; None after a reset.
+        self.settings_key: object | None = None
+        # Session state that a reset must clear before another client may use this connection.
+        self.dirty = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._client_transport: asyncio.Transport | None = None
+
+    # -- asyncio.Protocol ------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.decoder.feed(data)
+        if self.pump is not None:
+            self.pump.on_data()
+        else:
+            self._wake()
+
+    def eof_received(self) -> bool | None:
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self.pump is not None:
+            self.pump.on_lost()
+        self._wake()
+
+    def pause_writing(self) -> None:
+        # The server reads slower than the client sends: stop reading the client.
+        if self._client_transport is not None and not self._client_transport.is_closing():
+            with contextlib.suppress(RuntimeError):
+                self._client_transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self._client_transport is not None and not self._client_transport.is_closing():
+            with contextlib.suppress(RuntimeError):
+                self._client_transport.resume_reading()
+
+    def attach_client(self, transport: asyncio.Transport | None) -> None:
+        self._client_transport = transport
+
+    # -- I/O helpers -----------------------------------------------------------------------
+    def _wake(self) -> None:
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    async def _wait(self) -> None:
+        if self.closed:
+            raise UpstreamUnavailable("upstream closed the connection")
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+    def close(self) -> None:
+        if self.transport is not None and not self.closed:
+            # Terminate tells the server to end the session cleanly instead of logging an EOF.
+            with contextlib.suppress(Exception):
+                self.transport.write(b"X\x00\x00\x00\x04")
+            self.transport.close()
+        self.closed = True
+
+    @property
+    def busy(self) -> bool:
+        return self.pump is not None and self.pump.pending
+
+    # -- login -----------------------------------------------------------------------------
+    async def login(self, limit_s: float) -> None:
+        try:
+            await asyncio.wait_for(self._login(), limit_s)
+        except TimeoutError:
+            self.close()
+            raise UpstreamUnavailable("upstream login timed out") from None
+        except UpstreamUnavailable:
+            self.close()
+            raise
+        except Exception as e:
+            self.close()
+            raise UpstreamUnavailable(f"upstream login failed: {type(e).__name__}: {e}") from e
+
+    async def _next(self) -> object:
+        while True:
+            msg = self.decoder.next()
+            if msg is not None:
+                return msg
+            await self._wait()
+
+    async def _login(self) -> None:
+        t = self.target
+        if t.sslmode in ("require", "verify-ca", "verify-full", "prefer") and not t.host.startswith("/"):
+            await self._negotiate_tls()
+        self.write(
+            StartupMessage.build(
+                {"user": t.user, "database": t.database, "application_name": "sqlproxy"}
+            ).encode()
+        )
+        scram: ScramClient | None = None
+        while True:
+            msg = await self._next()
+            if isinstance(msg, AuthenticationOk):
+                continue
+            if isinstance(msg, AuthenticationSASL):
+                scram = ScramClient(t.password or "")
+                mech = scram.select_mechanism(msg.mechanisms)
+                self.write(SASLInitialResponse(mech, scram.client_first()).encode())
+            elif isinstance(msg, AuthenticationSASLContinue):
+                assert scram is not None
+                self.write(SASLResponse(scram.process_server_first(msg.data)).encode())
+            elif isinstance(msg, AuthenticationSASLFinal):
+                assert scram is not None
+                scram.process_server_final(msg.data)
+            elif isinstance(msg, AuthenticationMD5Password):
+                stored = md5_password_hash(t.user, t.password or "")
+                self.write(PasswordMessage(md5_response_from_hash(stored, msg.salt)).encode())
+            elif isinstance(msg, AuthenticationCleartextPassword):
+                self.write(PasswordMessage(t.password or "").encode())
+            elif isinstance(msg, ParameterStatus):
+                self.parameters[msg.name] = msg.value
+            elif isinstance(msg, BackendKeyData):
+                self.pid, self.secret = msg.process_id, msg.secret_key
+            elif isinstance(msg, ReadyForQuery):
+                return
+            elif isinstance(msg, ErrorResponse):
+                raise UpstreamUnavailable(f"upstream refused the login: {msg.message}")
+            # NoticeResponse / NegotiateProtocolVersion during login: nothing to do.
+
+    async def _negotiate_tls(self) -> None:
+        self.decoder.expect_encryption_response("ssl")
+        self.write(SSLRequest().encode())
+        resp = await self._next()
+        if isinstance(resp, SSLResponse) and resp.accepted:
+            ctx = ssl.create_default_context()
+            if self.target.sslmode not in ("verify-ca", "verify-full"):
+                ctx.check_hostname = False
+                ctx.verify_mode = ssl.CERT_NONE
+            ctx.check_hostname = self.target.sslmode == "verify-full"
+            assert self.transport is not None
+            loop = asyncio.get_running_loop()
+            new = await loop.start_tls(self.transport, self, ctx, server_hostname=self.target.host)
+            assert new is not None
+            self.transport = new
+        elif self.target.sslmode in ("require", "verify-ca", "verify-full"):
+            raise UpstreamUnavailable("upstream does not support TLS but sslmode requires it")
+
+
+async def connect_backend(target: UpstreamTarget, limit_s: float) -> BackendConnection:
+    loop = asyncio.get_running_loop()
+    try:
+        if target.host.startswith("/"):
+            _, proto = await asyncio.wait_for(
+                loop.create_unix_connection(
+                    lambda: BackendConnection(target), f"{target.host}/.s.PGSQL.{target.port}"
+                ),
+                limit_s,
+            )
+        else:
+            _, proto = await asyncio.wait_for(
+                loop.create_connection(lambda: BackendConnection(target), target.host, target.port),
+                limit_s,
+            )
+    except (OSError, TimeoutError) as e:
+        raise UpstreamUnavailable(f"upstream unavailable: {type(e).__name__}") from e
+    await proto.login(limit_s)
+    return proto
+
+
+async def send_cancel(target: UpstreamTarget, pid: int, secret: bytes, limit_s: float = 5.0) -> None:
+    """Open a throwaway connection and send CancelRequest for server process ``pid``."""
+    loop = asyncio.get_running_loop()
+    try:
+        if target.host.startswith("/"):
+            transport, _ = await asyncio.wait_for(
+                loop.create_unix_connection(asyncio.Protocol, f"{target.host}/.s.PGSQL.{target.port}"),
+                limit_s,
+            )
+        else:
+            transport, _ = await asyncio.wait_for(
+                loop.create_connection(asyncio.Protocol, target.host, target.port), limit_s
+            )
+    except (OSError, TimeoutError):
+        return
+    transport.write(CancelRequest(pid, secret).encode())
+    # The server closes after reading the request; closing here after the write is flushed is
+    # what libpq does too.
+    transport.close()

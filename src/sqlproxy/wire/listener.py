@@ -1,0 +1,177 @@
+"""The wire door's listener: accepts clients, owns the server-connection pools, routes
+CancelRequests, and shuts down gracefully (stop accepting, let transactions finish up to a
+deadline, then close)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import logging
+import os
+import secrets
+import ssl
+from collections.abc import Coroutine
+from typing import Any
+
+from sqlproxy.config.models import WireConfig
+from sqlproxy.runtime import Runtime
+from sqlproxy.wire.backend import UpstreamTarget, send_cancel
+from sqlproxy.wire.decide import Decider
+from sqlproxy.wire.pool import BackendPool
+from sqlproxy.wire.session import WireSession
+
+log = logging.getLogger(__name__)
+
+
+def _load_mock_secret(runtime: Runtime) -> bytes:
+    """A persistent secret for SCRAM mock exchanges: an unknown user's fake salt must not
+    change across restarts, or probing twice would tell unknown users from real ones."""
+    path = runtime._state_path("wire/scram-mock.secret")
+    if path.exists():
+        return bytes.fromhex(path.read_text().strip())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    secret = secrets.token_bytes(32)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return bytes.fromhex(path.read_text().strip())
+    with os.fdopen(fd, "w") as f:
+        f.write(secret.hex())
+    return secret
+
+
+class WireServer:
+    def __init__(
+        self,
+        runtime: Runtime,
+        *,
+        host: str | None = None,
+        port: int | None = None,
+        config: WireConfig | None = None,
+    ) -> None:
+        self.runtime = runtime
+        self.config: WireConfig = config if config is not None else runtime.config.current.wire
+        self.host = host if host is not None else self.config.host
+        self.port = port if port is not None else self.config.port
+        self.mock_secret = _load_mock_secret(runtime)
+        self.decider = Decider(runtime)
+        self.ssl_context = self._ssl_context()
+        self.sessions: set[WireSession] = set()
+        self.active = 0
+        self.stopping = False
+        self.pools: dict[str, BackendPool] = {}
+        self._by_pid: dict[int, WireSession] = {}
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        c = self.config
+        if c.tls_cert is None or c.tls_key is None:
+            return None
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(
+            str(self.runtime._state_path(c.tls_cert)), str(self.runtime._state_path(c.tls_key))
+        )
+        return ctx
+
+    @property
+    def bound_port(self) -> int:
+        assert self._server is not None
+        sock = self._server.sockets[0]
+        return int(sock.getsockname()[1])
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: WireSession(self), self.host, self.port, reuse_address=True, backlog=1024
+        )
+        log.info("wire door listening on %s:%s", self.host, self.bound_port)
+
+    # -- sessions ----------------------------------------------------------------------------
+    def admit(self, session: WireSession) -> bool:
+        if self.active >= self.config.max_clients or self.stopping:
+            return False
+        self.active += 1
+        session.counted = True
+        return True
+
+    def register(self, session: WireSession) -> tuple[int, bytes]:
+        while True:
+            pid = secrets.randbelow(2**31 - 1) + 1
+            if pid not in self._by_pid:
+                break
+        self._by_pid[pid] = session
+        return pid, secrets.token_bytes(4)
+
+    def forget(self, session: WireSession) -> None:
+        self.sessions.discard(session)
+        if session.counted:
+            session.counted = False
+            self.active -= 1
+        if self._by_pid.get(session.key[0]) is session:
+            del self._by_pid[session.key[0]]
+
+    def pool_for(self, database: str) -> BackendPool:
+        pool = self.pools.get(database)
+        db = self.runtime.config.current.databases[database]
+        if pool is None or pool.closed:
+            pool = BackendPool(
+                database,
+                UpstreamTarget.from_dsn(db.dsn),
+                self.config.server_pool_size or db.pool_max,
+                db.connect_timeout_s,
+            )
+            self.pools[database] = pool
+        return pool
+
+    # -- cancel ------------------------------------------------------------------------------
+    async def cancel(self, pid: int, secret: bytes) -> None:
+        session = self._by_pid.get(pid)
+        if session is None:
+            # Same work either way: a caller must not learn which keys are live.
+            hmac.compare_digest(hashlib.sha256(secret).digest(), hashlib.sha256(b"").digest())
+            return
+        await session.cancel_if(secret)
+
+    async def cancel_backend(self, target: UpstreamTarget, pid: int, secret: bytes) -> None:
+        await send_cancel(target, pid, secret)
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- shutdown ----------------------------------------------------------------------------
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Stop accepting; idle sessions end now, sessions in a transaction when it ends or
+        at the deadline; then every server connection is closed."""
+        grace = self.config.shutdown_grace_s if grace_s is None else grace_s
+        self.stopping = True
+        if self._server is not None:
+            self._server.close()
+        for s in list(self.sessions):
+            s.wake()
+        tasks = [s.task for s in self.sessions if s.task is not None and not s.task.done()]
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=grace)
+            for s in list(self.sessions):
+                if s.transport is not None and not s.transport.is_closing():
+                    from sqlproxy.protocol.errors import fatal_response
+
+                    s.transport.write(
+                        fatal_response("57P01", "terminating connection due to administrator command")
+                    )
+                if s.task is not None and not s.task.done():
+                    s.task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=5)
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 5)
+        for pool in self.pools.values():
+            await pool.close()
+        for t in list(self._tasks):
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(t, 5)

@@ -1,0 +1,916 @@
+"""One client connection on the wire door (WireSession).
+
+The client side is an asyncio Protocol feeding a sans-IO :class:`FrontendDecoder`; one task
+per session reads messages and acts on them. Replies from the server never pass through that
+task: the server connection's :class:`ResponsePump` forwards them from ``data_received``.
+
+Simple Query: every statement goes through ``runtime.handle`` (the one pipeline, audit
+outermost) with an executor that sends the decided, possibly rewritten, text upstream and
+waits for ReadyForQuery. Extended protocol: Parse runs the decision stages once per SQL text
+(:mod:`sqlproxy.wire.decide`); Bind/Describe/Execute/Close/Sync are forwarded with statement
+names translated; each Execute leaves one audit record when its CommandComplete arrives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import secrets
+import ssl
+import struct
+from typing import TYPE_CHECKING
+
+from sqlproxy.auth.users import Identity, _source_lock_key, _user_lock_key, parse_source_ip
+from sqlproxy.pipeline.errors import ProxyError, Unauthenticated, UpstreamError
+from sqlproxy.pipeline.request import Request
+from sqlproxy.protocol.errors import (
+    AuthenticationFailed,
+    ProtocolViolation,
+    error_response,
+    fatal_response,
+)
+from sqlproxy.protocol.framing import FrontendDecoder
+from sqlproxy.protocol.md5 import is_md5_hash, md5_password_hash, md5_verify
+from sqlproxy.protocol.messages import (
+    AuthenticationCleartextPassword,
+    AuthenticationMD5Password,
+    AuthenticationOk,
+    AuthenticationSASL,
+    AuthenticationSASLContinue,
+    AuthenticationSASLFinal,
+    BackendKeyData,
+    CancelRequest,
+    GSSENCRequest,
+    NegotiateProtocolVersion,
+    ParameterStatus,
+    PasswordMessage,
+    SASLInitialResponse,
+    SASLResponse,
+    SSLRequest,
+    StartupMessage,
+)
+from sqlproxy.protocol.scram import ScramServer, ScramVerifier
+from sqlproxy.sql.model import StatementKind
+from sqlproxy.wire.backend import BackendConnection
+from sqlproxy.wire.decide import Prepared, pins
+from sqlproxy.wire.pool import BackendPool
+from sqlproxy.wire.pump import (
+    BIND,
+    CLOSE,
+    DESCRIBE_P,
+    DESCRIBE_S,
+    EXECUTE,
+    FAIL_PARSE,
+    FAIL_SIMPLE,
+    HIDDEN,
+    PARSE,
+    PARSE_HIDDEN,
+    SIMPLE,
+    SYNC,
+    SYNTH,
+    Exp,
+    PumpOwner,
+    SimpleCall,
+)
+from sqlproxy.wire.settings import ClientSettings
+
+if TYPE_CHECKING:
+    from sqlproxy.wire.listener import WireServer
+
+log = logging.getLogger(__name__)
+
+_Q, _P, _B, _D, _E, _C, _S, _H, _X, _F = (ord(c) for c in "QPBDECSHXF")
+_COPY_DATA, _COPY_DONE, _COPY_FAIL = ord("d"), ord("c"), ord("f")
+_EXTENDED = frozenset({_P, _B, _D, _E, _C, _S, _H})
+_U32 = struct.Struct("!I")
+
+_PARSE_COMPLETE = b"1\x00\x00\x00\x04"
+_CLOSE_COMPLETE = b"3\x00\x00\x00\x04"
+_EMPTY_QUERY = b"I\x00\x00\x00\x04"
+_READY = {s: b"Z\x00\x00\x00\x05" + s.encode() for s in "ITE"}
+# A statement that cannot parse: sent to put the server's transaction into the failed state
+# when the proxy refuses a statement inside it, exactly as a server-side error would.
+_FAIL_SQL = b"sqlproxy: statement refused by the proxy"
+_FAIL_QUERY = b"Q" + _U32.pack(len(_FAIL_SQL) + 5) + _FAIL_SQL + b"\0"
+_FAIL_PARSE_MSG = b"P" + _U32.pack(len(_FAIL_SQL) + 8) + b"\0" + _FAIL_SQL + b"\0\0\0"
+# As PostgreSQL's authentication_timeout: a client that stalls during startup gives its slot back.
+_STARTUP_TIMEOUT_S = 60.0
+_UNREPORTED_PARAMS = frozenset({"is_superuser", "session_authorization"})
+
+
+class ClientGone(Exception):
+    pass
+
+
+class Fatal(Exception):
+    """End the session with a FATAL ErrorResponse."""
+
+    def __init__(self, sqlstate: str, message: str) -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+        self.message = message
+
+
+class ForwardedError(UpstreamError):
+    """The server's ErrorResponse (and ReadyForQuery) already reached the client."""
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+def _frame(t: bytes, body: bytes) -> bytes:
+    return t + _U32.pack(len(body) + 4) + body
+
+
+class WireSession(asyncio.Protocol, PumpOwner):
+    def __init__(self, server: WireServer) -> None:
+        self.server = server
+        self.rt = server.runtime
+        self.cfg = server.config
+        self.transport: asyncio.Transport | None = None
+        self.client_transport = None
+        self.dec = FrontendDecoder(max_message_length=self.cfg.max_message_bytes)
+        self._waiter: asyncio.Future[None] | None = None
+        self._eof = False
+        self.task: asyncio.Task[None] | None = None
+        self.source_ip = "unknown"
+        self.source_port: int | None = None
+        self.tls = False
+        self.identity: Identity | None = None
+        self.database: str | None = None
+        self.pool: BackendPool | None = None
+        self.settings: ClientSettings | None = None
+        self.be: BackendConnection | None = None
+        self.key = (0, b"")
+        self.counted = False
+        # Protocol state.
+        self.status = "I"
+        self.search_path: tuple[str, ...] | None = None
+        self.pinned = server.config.pool_mode == "session"
+        self.discard = False  # the proxy failed the extended batch: drop messages until Sync
+        self.simple_active = False
+        self.stmts: dict[bytes, Prepared] = {}
+        self.unnamed: Prepared | None = None
+        self.portals: dict[bytes, Prepared] = {}
+        self._cache: dict[tuple[bytes, bytes, tuple[str, ...] | None], Prepared] = {}
+        self._cache_token: tuple[object, object] | None = None
+        self._out: list[bytes] = []
+        self._audits: list[Request] = []
+
+    # -- asyncio.Protocol ------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple) and len(peer) >= 2:
+            self.source_ip, self.source_port = str(peer[0]), int(peer[1])
+        elif peer:
+            self.source_ip = str(peer)
+        else:
+            self.source_ip = "local"
+        self.task = asyncio.get_running_loop().create_task(self.run())
+        self.server.sessions.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self._eof:
+            return
+        self.dec.feed(data)
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def eof_received(self) -> bool | None:
+        self._gone()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._gone()
+        # A client that vanishes mid-query must not leave its task waiting on the server.
+        if self.task is not None and not self.task.done() and self.simple_active:
+            self.task.cancel()
+
+    def _gone(self) -> None:
+        self._eof = True
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def pause_writing(self) -> None:
+        be = self.be
+        if be is not None and be.transport is not None:
+            with contextlib.suppress(RuntimeError):
+                be.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        be = self.be
+        if be is not None and be.transport is not None:
+            with contextlib.suppress(RuntimeError):
+                be.transport.resume_reading()
+
+    def wake(self) -> None:
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    # -- reading -----------------------------------------------------------------------------
+    async def _more(self) -> None:
+        """Wait for more bytes from the client, enforcing idle timeouts and shutdown."""
+        if self._out:
+            self._flush()
+        if self._eof:
+            raise ClientGone
+        busy = self.be is not None and self.be.pump is not None and self.be.pump.pending
+        idle = not busy and self.status == "I"
+        if self.server.stopping and idle and self.counted:
+            raise Fatal("57P01", "terminating connection due to administrator command")
+        timeout = 0.0
+        if not busy and self.counted:
+            c = self.cfg
+            timeout = c.idle_timeout_s if self.status == "I" else c.idle_in_transaction_timeout_s
+        fut = asyncio.get_running_loop().create_future()
+        self._waiter = fut
+        try:
+            if timeout > 0:
+                try:
+                    await asyncio.wait_for(fut, timeout)
+                except TimeoutError:
+                    if self.status == "I":
+                        raise Fatal("57P05", "terminating connection due to idle-session timeout") from None
+                    raise Fatal(
+                        "25P03", "terminating connection due to idle-in-transaction timeout"
+                    ) from None
+            else:
+                await fut
+        finally:
+            self._waiter = None
+        if self._eof and not self.dec.buffered:
+            raise ClientGone
+
+    def _write(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def _send(self, data: bytes) -> None:
+        self._out.append(data)
+
+    def _flush(self) -> None:
+        out, self._out = self._out, []
+        be = self.be
+        if be is not None and out:
+            be.write(b"".join(out) if len(out) > 1 else out[0])
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    async def run(self) -> None:
+        try:
+            if await asyncio.wait_for(self._startup(), _STARTUP_TIMEOUT_S):
+                await self._serve()
+        except ClientGone:
+            pass
+        except TimeoutError:
+            self._write(fatal_response("08006", "timeout expired during startup"))
+        except asyncio.CancelledError:
+            pass
+        except Fatal as e:
+            self._write(fatal_response(e.sqlstate, e.message))
+        except ProtocolViolation as e:
+            self._write(fatal_response(e.sqlstate, e.message))
+        except ProxyError as e:
+            self._write(fatal_response(e.sqlstate, e.message))
+        except Exception:
+            log.exception("wire session failed")
+            self._write(fatal_response("XX000", "internal error in the proxy"))
+        finally:
+            await self._cleanup()
+
+    async def _cleanup(self) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.shield(self._flush_audits())
+        be, self.be = self.be, None
+        if be is not None and self.pool is not None:
+            pump = be.pump
+            if pump is not None and (pump.pending or self._out):
+                # Mid-query: stop the server's work, then drop the connection (never reuse it).
+                self.server.spawn(self.server.cancel_backend(self.pool.target, be.pid, be.secret))
+                self.pool.discard(be)
+            elif self.status != "I" or self.pinned:
+                if self.status != "I":
+                    self.pool.discard(be)  # the server rolls the transaction back
+                else:
+                    self.pool.release(be, reset=True)
+            else:
+                self.pool.release(be)
+        self.server.forget(self)
+        if self.transport is not None:
+            self.transport.close()
+
+    # -- startup -----------------------------------------------------------------------------
+    async def _next_startup(self) -> object:
+        while True:
+            msg = self.dec.next()
+            if msg is not None:
+                return msg
+            await self._more()
+
+    async def _startup(self) -> bool:
+        while True:
+            msg = await self._next_startup()
+            if isinstance(msg, SSLRequest):
+                ctx = self.server.ssl_context
+                if ctx is None:
+                    self._write(b"N")
+                    continue
+                self._write(b"S")
+                await self._start_tls(ctx)
+                continue
+            if isinstance(msg, GSSENCRequest):
+                self._write(b"N")
+                continue
+            if isinstance(msg, CancelRequest):
+                await self.server.cancel(msg.process_id, msg.secret_key)
+                return False
+            if isinstance(msg, StartupMessage):
+                break
+            raise ProtocolViolation("unexpected message during startup")
+        if msg.major != 3:
+            raise Fatal("0A000", f"unsupported frontend protocol {msg.major}.{msg.minor}")
+        if self.cfg.require_tls and not self.tls:
+            raise Fatal("28000", "this proxy accepts only TLS connections (use sslmode=require)")
+        unrecognized = tuple(k for k, _ in msg.parameters if k.startswith("_pq_."))
+        if msg.minor > 0 or unrecognized:
+            self._write(NegotiateProtocolVersion(0, unrecognized).encode())
+        user = msg.user
+        if not user:
+            raise Fatal("28000", "no PostgreSQL user name specified in startup packet")
+        if msg.get("replication") not in (None, "false", "0", "off", "no"):
+            raise Fatal("0A000", "replication connections are not supported by the proxy")
+        if not self.server.admit(self):
+            raise Fatal("53300", "sorry, too many clients already")
+        await self._authenticate(user)
+        params = {k: v for k, v in msg.parameters if k not in ("user", "database")}
+        enc = params.pop("client_encoding", "UTF8")
+        if enc.strip("'\" ").replace("-", "").replace("_", "").lower() not in ("utf8", "unicode"):
+            raise Fatal("0A000", f"client_encoding {enc!r} is not supported: the proxy speaks UTF8")
+        cfg = self.rt.config.current
+        name = msg.get("database")
+        db = cfg.resolve_database(name)
+        if db is None:
+            raise Fatal("3D000", f'database "{name}" does not exist')
+        self.database = db
+        self.pool = self.server.pool_for(db)
+        assert self.identity is not None
+        self.settings = ClientSettings(user, params, cfg.databases[db].statement_timeout_ms)
+        sp = params.get("search_path")
+        if sp:
+            self.search_path = tuple(p.strip().strip('"') for p in sp.split(",") if p.strip())
+        be = await self._acquire()
+        ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        assert be.pump is not None
+        if be.pump.pending:
+            be.pump.expect(Exp(HIDDEN, lambda _e: _resolve(ready)))
+            be.write(b"Q\x00\x00\x00\x0dSELECT 1\x00")
+            await ready
+        out = [AuthenticationOk().encode()]
+        reported = dict(be.parameters)
+        reported["client_encoding"] = "UTF8"
+        for k, v in reported.items():
+            if k not in _UNREPORTED_PARAMS:
+                out.append(ParameterStatus(k, v).encode())
+        out.append(ParameterStatus("is_superuser", "off").encode())
+        out.append(ParameterStatus("session_authorization", user).encode())
+        self.key = self.server.register(self)
+        out.append(BackendKeyData(*self.key).encode())
+        out.append(_READY["I"])
+        self._write(b"".join(out))
+        self.client_transport = self.transport
+        if not self.pinned:
+            self._release()
+        return True
+
+    async def _start_tls(self, ctx: ssl.SSLContext) -> None:
+        assert self.transport is not None
+        loop = asyncio.get_running_loop()
+        new = await loop.start_tls(self.transport, self, ctx, server_side=True)
+        if new is None:
+            raise ClientGone
+        self.transport = new
+        self.tls = True
+
+    async def _authenticate(self, user: str) -> None:
+        users = self.rt.users
+        addr = parse_source_ip(self.source_ip)
+        src_key = _source_lock_key(addr, self.source_ip)
+        user_key = _user_lock_key(user)
+        lock = users.lockout
+        stored = users.password_verifier(user)
+        refused = (
+            stored is None
+            or not users.source_allowed(user, self.source_ip)
+            or lock.locked(src_key)
+            or lock.locked(user_key)
+        )
+        ok = False
+        try:
+            if self.cfg.allow_md5 and (stored is None or is_md5_hash(stored)):
+                ok = await self._auth_md5(user, None if refused else stored)
+            elif self.cfg.allow_cleartext_over_tls and self.tls:
+                ok = await self._auth_cleartext(user, None if refused else stored)
+            else:
+                ok = await self._auth_scram(user, None if refused else stored)
+        except AuthenticationFailed:
+            ok = False
+        if not ok:
+            lock.record_failure(src_key)
+            if user in users:
+                lock.record_failure(user_key)
+            req = Request(door="wire", sql=None, source_ip=self.source_ip, source_port=self.source_port)
+            req.error = Unauthenticated("password authentication failed", sqlstate="28P01")
+            req.extra["user_presented"] = user[:64]
+            await asyncio.shield(self.rt.audit_request(req))
+            raise Fatal("28P01", f'password authentication failed for user "{user}"')
+        lock.reset(user_key)
+        self.identity = users.identity(user)
+
+    async def _auth_msg(self, kind: str) -> object:
+        self.dec.expect_auth_response(kind)  # type: ignore[arg-type]
+        return await self._next_startup()
+
+    async def _auth_scram(self, user: str, stored: str | None) -> bool:
+        srv = ScramServer(stored, username=user, mock_secret=self.server.mock_secret)
+        self._write(AuthenticationSASL(srv.mechanisms).encode())
+        first = await self._auth_msg("sasl_initial")
+        if not isinstance(first, SASLInitialResponse):
+            raise ProtocolViolation("expected SASLInitialResponse")
+        server_first = srv.process_client_first(first.mechanism, first.data)
+        self._write(AuthenticationSASLContinue(server_first).encode())
+        final = await self._auth_msg("sasl")
+        if not isinstance(final, SASLResponse):
+            raise ProtocolViolation("expected SASLResponse")
+        self._write(AuthenticationSASLFinal(srv.process_client_final(final.data)).encode())
+        return True
+
+    async def _auth_md5(self, user: str, stored: str | None) -> bool:
+        salt = secrets.token_bytes(4)
+        self._write(AuthenticationMD5Password(salt).encode())
+        msg = await self._auth_msg("password")
+        if not isinstance(msg, PasswordMessage):
+            raise ProtocolViolation("expected PasswordMessage")
+        return md5_verify(stored, salt, msg.password)
+
+    async def _auth_cleartext(self, user: str, stored: str | None) -> bool:
+        self._write(AuthenticationCleartextPassword().encode())
+        msg = await self._auth_msg("password")
+        if not isinstance(msg, PasswordMessage):
+            raise ProtocolViolation("expected PasswordMessage")
+        if stored is None:
+            ScramVerifier.from_password(msg.password)  # the same work as a real check
+            return False
+        if is_md5_hash(stored):
+            return hmac.compare_digest(stored, md5_password_hash(user, msg.password))
+        return ScramVerifier.parse(stored).verify_password(msg.password)
+
+    # -- server connections ------------------------------------------------------------------
+    async def _acquire(self) -> BackendConnection:
+        assert self.pool is not None and self.settings is not None
+        be = await self.pool.acquire()
+        pump = be.pump
+        assert pump is not None
+        pump.owner = self
+        be.attach_client(self.transport)
+        self.be = be
+        if be.settings_key != self.settings.key:
+            pump.expect(Exp(HIDDEN, None))
+            be.write(self.settings.setup_query())
+            be.settings_key = self.settings.key
+        return be
+
+    def _release(self) -> None:
+        be, self.be = self.be, None
+        if be is not None and self.pool is not None:
+            self.pool.release(be)
+
+    # PumpOwner callbacks (called from the server connection's data_received).
+    def backend_ready(self, status: str) -> None:
+        self.status = status
+        if self.simple_active or self.pinned or status != "I" or self._out or self.discard:
+            return
+        self._release()
+
+    def backend_lost(self) -> None:
+        if self.be is not None:
+            self.be = None
+            if self.transport is not None and not self.transport.is_closing():
+                self._write(fatal_response("08006", "server connection lost"))
+                self.transport.close()
+
+    def statement_failed(self, exp: Exp) -> None:
+        be = self.be
+        if be is not None and exp.server_name is not None:
+            be.prepared.discard(exp.server_name)
+        name = exp.client_name
+        if name is not None:
+            if name == b"":
+                self.unnamed = None
+                if be is not None:
+                    be.unnamed_owner = None
+            else:
+                self.stmts.pop(name, None)
+
+    def execute_done(self, req: Request) -> None:
+        self._audits.append(req)
+
+    async def _flush_audits(self) -> None:
+        audits, self._audits = self._audits, []
+        for req in audits:
+            await self.rt.audit_request(req)
+            self.rt.metrics.observe_request(req)
+
+    # -- the message loop ---------------------------------------------------------------------
+    async def _serve(self) -> None:
+        dec = self.dec
+        while True:
+            raw = dec.next_raw()
+            if raw is None:
+                if self._audits:
+                    self._flush()
+                    await asyncio.shield(self._flush_audits())
+                    continue
+                await self._more()
+                continue
+            t, payload = raw
+            if t == _Q:
+                self._flush()
+                await self._query(payload)
+            elif t in _EXTENDED:
+                await self._extended(t, payload)
+            elif t == _X:
+                return
+            elif t == _F:
+                self._flush()
+                self._refuse_now(ProxyError("function call messages are not supported", sqlstate="0A000"))
+            # CopyData/CopyDone/CopyFail outside COPY: ignored, as the server does.
+
+    # -- simple query ------------------------------------------------------------------------
+    async def _query(self, payload: bytes) -> None:
+        if not payload or payload[-1] != 0:
+            raise ProtocolViolation("invalid Query message: missing terminator")
+        try:
+            sql = payload[:-1].decode("utf-8")
+        except UnicodeDecodeError:
+            self._refuse_now(ProxyError('invalid byte sequence for encoding "UTF8"', sqlstate="22021"))
+            return
+        if not sql.strip():
+            self._reply(_EMPTY_QUERY + _READY[self.status])
+            return
+        req = Request(
+            door="wire",
+            sql=sql,
+            source_ip=self.source_ip,
+            source_port=self.source_port,
+            database=self.database,
+            identity=self.identity,
+            search_path=self.search_path,
+        )
+        req.executor = self._execute_simple
+        self.simple_active = True
+        try:
+            await self.rt.handle(req)
+        except ForwardedError:
+            pass
+        except ProxyError as e:
+            self._refuse_now(e)
+        finally:
+            self.simple_active = False
+        if req.error is None and req.analysis is not None:
+            self._track(req)
+        if self.be is not None and not self.pinned and self.status == "I" and not self.be.busy:
+            self._release()
+
+    def _track(self, req: Request) -> None:
+        """Carry session state the statements changed: search_path for analysis, SETs for the
+        next server connection, pinning when state cannot be carried."""
+        a = req.analysis
+        assert a is not None and self.settings is not None
+        if pins(a):
+            self.pinned = True
+        be = self.be
+        in_tx = self.status != "I"
+        exact = True
+        for i, st in enumerate(a.statements):
+            if st.search_path is not None:
+                self.search_path = st.search_path
+            if st.kind is StatementKind.SET and i < len(req.statements):
+                exact = self.settings.record(req.statements[i], in_tx) and exact
+            elif st.kind is StatementKind.DISCARD:
+                exact = False
+        if not in_tx and req.results and any(r.command in ("COMMIT", "ROLLBACK") for r in req.results):
+            exact = self.settings.end_transaction(req.results[-1].command == "COMMIT") and exact
+        if be is not None:
+            be.settings_key = self.settings.key if exact else None
+
+    async def _execute_simple(self, req: Request) -> None:
+        be = self.be or await self._acquire()
+        pump = be.pump
+        assert pump is not None
+        call = SimpleCall(req.results, asyncio.get_running_loop())
+        pump.expect(Exp(SIMPLE, call))
+        sql = req.sql if not req.rewritten else ";\n".join(req.statements)
+        assert sql is not None
+        body = sql.encode("utf-8")
+        be.write(b"Q" + _U32.pack(len(body) + 5) + body + b"\0")
+        while True:
+            await call.event
+            if call.finished:
+                break
+            call.event = asyncio.get_running_loop().create_future()
+            if call.copy_in:
+                call.copy_in = False
+                await self._relay_copy_in(be)
+                if call.finished:
+                    break
+        self.status = call.status
+        if call.error is not None:
+            raise ForwardedError(call.error.message, sqlstate=call.error.sqlstate)
+
+    async def _relay_copy_in(self, be: BackendConnection) -> None:
+        """COPY FROM STDIN: pass the client's data through until CopyDone or CopyFail."""
+        dec = self.dec
+        while True:
+            frame = dec.next_frame()
+            if frame is None:
+                await self._more()
+                continue
+            t, f = frame
+            be.write(f)
+            if t in (_COPY_DONE, _COPY_FAIL):
+                return
+            if t not in (_COPY_DATA, _S, _H):
+                raise ProtocolViolation(f"unexpected message type {chr(t)!r} during COPY from stdin")
+
+    def _reply(self, data: bytes) -> None:
+        be = self.be
+        if be is not None and be.pump is not None:
+            be.pump.synth(data)
+        else:
+            self._write(data)
+
+    def _refuse_now(self, e: ProxyError) -> None:
+        """ErrorResponse for a simple-protocol request the proxy refused, then ReadyForQuery
+        with the status the server would report (a refusal inside a transaction fails it)."""
+        err = error_response(e.sqlstate, e.message, position=e.position)
+        be = self.be
+        if be is not None and be.pump is not None and self.status != "I":
+            be.pump.synth(err)
+            be.pump.expect(Exp(FAIL_SIMPLE))
+            be.write(_FAIL_QUERY)
+            self.status = "E"
+        else:
+            self._reply(err + _READY[self.status])
+
+    # -- extended protocol --------------------------------------------------------------------
+    async def _extended(self, t: int, payload: bytes) -> None:
+        if self.discard:
+            if t == _S:
+                self.discard = False
+                if self.be is not None:
+                    self._sync()
+                else:
+                    self._write(_READY[self.status])
+            return
+        be = self.be
+        if be is None:
+            if t == _S:
+                self._write(_READY[self.status])
+                return
+            if t == _H:
+                return
+            be = await self._acquire()
+        pump = be.pump
+        assert pump is not None
+        if pump.skipping and t != _S:
+            return  # the server skips to Sync after its error, and so do we
+        if t == _P:
+            await self._parse(be, payload)
+        elif t == _B:
+            self._bind(be, payload)
+        elif t == _E:
+            self._execute(be, payload)
+        elif t == _S:
+            self._sync()
+        elif t == _D:
+            self._describe(be, payload)
+        elif t == _C:
+            self._close(be, payload)
+        elif t == _H:
+            self._send(b"H\x00\x00\x00\x04")
+            self._flush()
+
+    def _sync(self) -> None:
+        be = self.be
+        assert be is not None and be.pump is not None
+        be.pump.expect(Exp(SYNC))
+        self._send(b"S\x00\x00\x00\x04")
+
+    def _fail_batch(self, e: ProxyError) -> None:
+        err = error_response(e.sqlstate, e.message, position=e.position)
+        be = self.be
+        self.discard = True
+        if be is None or be.pump is None:
+            self._write(err)
+            return
+        be.pump.expect(Exp(SYNTH, err))
+        # Fail the server's side of the batch too, so its implicit transaction rolls back
+        # (or its transaction block is marked failed) just as on a real error.
+        be.pump.expect(Exp(FAIL_PARSE, client_name=b""))
+        self._send(_FAIL_PARSE_MSG)
+
+    async def _lookup(self, sql_b: bytes, types: bytes) -> Prepared:
+        up = self.rt.upstreams.get(self.database or "")
+        token = (self.rt.policy, up.catalog if up is not None else None)
+        if token != self._cache_token:
+            self._cache.clear()
+            self._cache_token = token
+        key = (sql_b, types, self.search_path)
+        p = self._cache.get(key)
+        if p is not None:
+            return p
+        self._flush()
+        try:
+            sql = sql_b.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ProxyError('invalid byte sequence for encoding "UTF8"', sqlstate="22021") from None
+        req = Request(
+            door="wire",
+            sql=sql,
+            source_ip=self.source_ip,
+            source_port=self.source_port,
+            database=self.database,
+            identity=self.identity,
+            search_path=self.search_path,
+        )
+        req.extra["protocol"] = "parse"
+        try:
+            p = await self.server.decider.decide(req, types)
+        except ProxyError:
+            await asyncio.shield(self.rt.audit_request(req))
+            raise
+        if len(self._cache) > 5000:
+            self._cache.clear()
+        self._cache[key] = p
+        return p
+
+    async def _parse(self, be: BackendConnection, payload: bytes) -> None:
+        i = payload.index(0)
+        j = payload.index(0, i + 1)
+        name = payload[:i]
+        try:
+            p = await self._lookup(payload[i + 1 : j], payload[j + 1 :])
+        except ProxyError as e:
+            self._fail_batch(e)
+            return
+        be = self.be or be
+        pump = be.pump
+        assert pump is not None
+        if name:
+            if name in self.stmts:
+                self._fail_batch(
+                    ProxyError(
+                        f'prepared statement "{name.decode("utf-8", "replace")}" already exists',
+                        sqlstate="42P05",
+                    )
+                )
+                return
+            self.stmts[name] = p
+            if p.server_name in be.prepared:
+                if pump.pending:
+                    pump.expect(Exp(SYNTH, _PARSE_COMPLETE, client_name=name))
+                else:
+                    self._write(_PARSE_COMPLETE)
+                return
+            be.prepared.add(p.server_name)
+            pump.expect(Exp(PARSE, client_name=name, server_name=p.server_name))
+            self._send(self._parse_msg(p.server_name.encode(), p))
+        else:
+            self.unnamed = p
+            be.unnamed_owner = p
+            pump.expect(Exp(PARSE, client_name=b""))
+            self._send(self._parse_msg(b"", p))
+
+    @staticmethod
+    def _parse_msg(name: bytes, p: Prepared) -> bytes:
+        body = name + b"\0" + p.upstream_sql + b"\0" + p.types
+        return b"P" + _U32.pack(len(body) + 4) + body
+
+    def _ensure(self, be: BackendConnection, p: Prepared, named: bool) -> bytes:
+        """Make sure the server connection holds the statement; returns its server name."""
+        pump = be.pump
+        assert pump is not None
+        if named:
+            sname = p.server_name
+            if sname not in be.prepared:
+                be.prepared.add(sname)
+                pump.expect(Exp(PARSE_HIDDEN, server_name=sname))
+                self._send(self._parse_msg(sname.encode(), p))
+            return sname.encode()
+        if be.unnamed_owner is not p:
+            be.unnamed_owner = p
+            pump.expect(Exp(PARSE_HIDDEN))
+            self._send(self._parse_msg(b"", p))
+        return b""
+
+    def _statement(self, name: bytes) -> Prepared | None:
+        p = self.stmts.get(name) if name else self.unnamed
+        if p is None:
+            self._fail_batch(
+                ProxyError(
+                    f'prepared statement "{name.decode("utf-8", "replace")}" does not exist'
+                    if name
+                    else "unnamed prepared statement does not exist",
+                    sqlstate="26000",
+                )
+            )
+        return p
+
+    def _bind(self, be: BackendConnection, payload: bytes) -> None:
+        i = payload.index(0)
+        j = payload.index(0, i + 1)
+        sname = payload[i + 1 : j]
+        p = self._statement(sname)
+        if p is None:
+            return
+        server = self._ensure(be, p, bool(sname))
+        body = payload[: i + 1] + server + payload[j:]
+        be.pump.expect(Exp(BIND))  # type: ignore[union-attr]
+        self._send(b"B" + _U32.pack(len(body) + 4) + body)
+        self.portals[payload[:i]] = p
+
+    def _describe(self, be: BackendConnection, payload: bytes) -> None:
+        pump = be.pump
+        assert pump is not None
+        if payload[:1] == b"S":
+            name = payload[1:-1]
+            p = self._statement(name)
+            if p is None:
+                return
+            server = self._ensure(be, p, bool(name))
+            pump.expect(Exp(DESCRIBE_S))
+            self._send(b"D" + _U32.pack(len(server) + 6) + b"S" + server + b"\0")
+        else:
+            pump.expect(Exp(DESCRIBE_P))
+            self._send(_frame(b"D", payload))
+
+    def _execute(self, be: BackendConnection, payload: bytes) -> None:
+        pump = be.pump
+        assert pump is not None
+        portal = payload[: payload.index(0)]
+        p = self.portals.get(portal)
+        req: Request | None = None
+        if p is not None and p.analysis is not None:
+            req = Request(
+                door="wire",
+                sql=p.sql,
+                source_ip=self.source_ip,
+                source_port=self.source_port,
+                database=self.database,
+                identity=self.identity,
+                search_path=p.search_path,
+            )
+            req.analysis = p.analysis
+            req.decision = p.decision
+            req.statements = p.statements
+            req.rewritten = p.rewritten
+            req.extra["protocol"] = "extended"
+            if p.pin:
+                self.pinned = True
+            if p.sets:
+                be.settings_key = None
+                if self.settings is not None and p.statements:
+                    self.settings.record(p.statements[0], self.status != "I")
+        pump.expect(Exp(EXECUTE, req=req))
+        self._send(_frame(b"E", payload))
+
+    def _close(self, be: BackendConnection, payload: bytes) -> None:
+        pump = be.pump
+        assert pump is not None
+        name = payload[1:-1]
+        if payload[:1] == b"S":
+            # Server statements are shared; only the client's name goes away.
+            if name:
+                self.stmts.pop(name, None)
+            else:
+                self.unnamed = None
+            pump.synth(_CLOSE_COMPLETE)
+        else:
+            self.portals.pop(name, None)
+            pump.expect(Exp(CLOSE))
+            self._send(_frame(b"C", payload))
+
+    async def cancel_if(self, secret: bytes) -> None:
+        if not hmac.compare_digest(secret, self.key[1]):
+            return
+        be = self.be
+        if be is not None and be.pump is not None and be.pump.pending and self.pool is not None:
+            await self.server.cancel_backend(self.pool.target, be.pid, be.secret)

@@ -1,0 +1,128 @@
+"""pytest plugin: the wire door (WireServer) on the `proxy` fixture's runtime, on a free port.
+
+Fixtures:
+  wire          WireHarness for the transaction-pool-mode listener (session-scoped).
+  wire_session  WireHarness for a session-pool-mode listener on the same runtime.
+  wire_factory  callable(**WireConfig overrides) -> a started WireHarness, stopped at teardown
+                (function-scoped: for limits and timeouts that need their own listener).
+
+Synchronous clients (psql, pgbench, psycopg's sync API) must run off the event loop, which
+serves the proxy: use `await asyncio.to_thread(...)` or `WireHarness.run(...)`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest_asyncio
+
+from sqlproxy.wire.listener import WireServer
+from tests.fix_proxy import ProxyHarness
+
+
+@dataclass
+class WireHarness:
+    server: WireServer
+    passwords: dict[str, str]
+
+    @property
+    def port(self) -> int:
+        return self.server.bound_port
+
+    def dsn(self, user: str = "analyst", *, password: str | None = None, **extra: str) -> str:
+        pw = self.passwords[user] if password is None else password
+        parts = {
+            "host": "127.0.0.1",
+            "port": str(self.port),
+            "dbname": "demo",
+            "user": user,
+            "password": pw,
+            "sslmode": "disable",
+            **extra,
+        }
+        return " ".join(f"{k}='{v}'" for k, v in parts.items())
+
+    def url(self, user: str = "analyst", database: str = "demo") -> str:
+        return f"postgresql://{user}:{self.passwords[user]}@127.0.0.1:{self.port}/{database}"
+
+    def env(self, user: str = "analyst") -> dict[str, str]:
+        return {
+            "PGHOST": "127.0.0.1",
+            "PGPORT": str(self.port),
+            "PGUSER": user,
+            "PGPASSWORD": self.passwords[user],
+            "PGDATABASE": "demo",
+            "PGSSLMODE": "disable",
+            "PGCONNECT_TIMEOUT": "10",
+        }
+
+    def backends_in_use(self) -> int:
+        return sum(p.in_use for p in self.server.pools.values())
+
+
+async def _start(proxy: ProxyHarness, passwords: dict[str, str], **overrides: Any) -> WireHarness:
+    cfg = proxy.runtime.config.current.wire.model_copy(update=overrides)
+    server = WireServer(proxy.runtime, host="127.0.0.1", port=0, config=cfg)
+    await server.start()
+    return WireHarness(server, passwords)
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def wire(proxy: ProxyHarness, demo_passwords: dict[str, str]) -> AsyncIterator[WireHarness]:
+    h = await _start(proxy, demo_passwords, pool_mode="transaction", server_pool_size=4)
+    yield h
+    await h.server.stop(grace_s=1)
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def wire_session(proxy: ProxyHarness, demo_passwords: dict[str, str]) -> AsyncIterator[WireHarness]:
+    h = await _start(proxy, demo_passwords, pool_mode="session", server_pool_size=8)
+    yield h
+    await h.server.stop(grace_s=1)
+
+
+WireFactory = Callable[..., Awaitable[WireHarness]]
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def wire_factory(proxy: ProxyHarness, demo_passwords: dict[str, str]) -> AsyncIterator[WireFactory]:
+    made: list[WireHarness] = []
+
+    async def make(**overrides: Any) -> WireHarness:
+        h = await _start(proxy, demo_passwords, **overrides)
+        made.append(h)
+        return h
+
+    yield make
+    for h in made:
+        await h.server.stop(grace_s=1)
+
+
+async def run_psql(h: WireHarness, script: str, user: str = "analyst", *args: str) -> tuple[int, str, str]:
+    """psql -f on a script file; returns (exit code, stdout, stderr)."""
+    import os
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as f:
+        f.write(script)
+        path = f.name
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            "/usr/bin/psql",
+            "-X",
+            "-v",
+            "ON_ERROR_STOP=0",
+            "-f",
+            path,
+            *args,
+            env={**os.environ, **h.env(user)},
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await proc.communicate()
+    finally:
+        os.unlink(path)
+    return proc.returncode or 0, out.decode(), err.decode()
