@@ -2,4 +2,5 @@
 # make bench: every benchmark, each printing its own figures and ratios.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+command -v wrk >/dev/null || bash scripts/sysdeps.sh wrk
 .venv/bin/python bench/http_bench.py "$@"

@@ -43,12 +43,21 @@ def demo_keys() -> dict[str, str]:
     return {u: generate_api_key() for u in DEMO_USERS}
 
 
+@pytest.fixture(scope="session")
+def demo_passwords() -> dict[str, str]:
+    """Wire-door passwords of the demo users (the config holds their SCRAM verifiers)."""
+    return {u: generate_api_key() for u in DEMO_USERS}
+
+
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
 async def proxy(
-    demo_dsn: str, tmp_path_factory: pytest.TempPathFactory, demo_keys: dict[str, str]
+    demo_dsn: str,
+    tmp_path_factory: pytest.TempPathFactory,
+    demo_keys: dict[str, str],
+    demo_passwords: dict[str, str],
 ) -> AsyncIterator[ProxyHarness]:
     state = tmp_path_factory.mktemp("proxy-state")
-    cfg_path = write_demo_config(state, demo_dsn, 8080, demo_keys)
+    cfg_path = write_demo_config(state, demo_dsn, 8080, demo_keys, demo_passwords)
     holder = ConfigHolder(load_config(cfg_path), cfg_path)
     app = build_app(holder, env={})
     runtime: Runtime = app.state.runtime

@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from sqlproxy.audit.chain import load_or_create_key
+from sqlproxy.audit.configured import store_from_config
 from sqlproxy.audit.record import AuditRecord
-from sqlproxy.audit.sinks import JsonlSink, SqliteStore
+from sqlproxy.audit.sinks import JsonlSink
 from sqlproxy.audit.writer import AuditWriter
 from sqlproxy.auth.users import UserDirectory
 from sqlproxy.classify.classifier import Classifier
@@ -27,9 +28,11 @@ from sqlproxy.pipeline.pipeline import Pipeline, Stage
 from sqlproxy.pipeline.request import Request
 from sqlproxy.pipeline.stages import standard_stages
 from sqlproxy.policy.engine import Decision, PolicyEngine
+from sqlproxy.ratelimit.service import RateLimiter
 from sqlproxy.sql.cache import AnalysisCache
 from sqlproxy.sql.model import TableName
 from sqlproxy.sql.rewrite import RelationRewrite
+from sqlproxy.stream.hub import StreamHub
 
 log = logging.getLogger(__name__)
 
@@ -68,10 +71,14 @@ class Runtime:
         self.analysis_cache = AnalysisCache(maxsize=20_000)
         self._services = build_services(cfg, self.env)
         self.upstreams: dict[str, Upstream] = {n: Upstream(n, d) for n, d in cfg.databases.items()}
+        # One limiter for the life of the process: bucket state must survive reloads.
+        self.rate_limiter = RateLimiter(cfg.rate_limits, cfg.distributed_rate_limiting)
+        self.rate_limiter.register_metrics(self.metrics.registry)
         holder.on_change(self._on_config_change)
         self.audit = self._make_audit_writer(cfg)
         self.mask_salt = self._load_mask_salt()
         self.pipeline = Pipeline(self._stages())
+        self.stream = StreamHub(self)
         self._retired: list[Upstream] = []
 
     def _stages(self) -> list[Stage]:
@@ -93,6 +100,7 @@ class Runtime:
     def _on_config_change(self, old: ProxyConfig, new: ProxyConfig) -> None:
         services = build_services(new, self.env, self._services)  # raises on a bad config: no swap
         self._services = services
+        self.rate_limiter.apply(new.rate_limits, new.distributed_rate_limiting)
         for name, db in new.databases.items():
             cur = self.upstreams.get(name)
             if cur is None or cur.config != db:
@@ -151,9 +159,8 @@ class Runtime:
         sinks: list[Any] = []
         if a.jsonl_path:
             sinks.append(JsonlSink(self._state_path(a.jsonl_path), a.rotate_bytes, a.keep_files))
-        if not a.store.startswith("sqlite:///"):
-            raise ValueError("audit.store: only sqlite:///PATH is supported in this version")
-        store = SqliteStore(self._state_path(a.store[len("sqlite:///") :]))
+        # sqlite:///PATH or postgresql://...; state_dir is the config's, as self._state_path uses.
+        store = store_from_config(cfg)
         return AuditWriter(
             sinks=sinks, store=store, key=key, queue_size=a.queue_size, batch_size=a.batch_size
         )
@@ -171,10 +178,14 @@ class Runtime:
 
     async def start(self) -> None:
         await self.audit.start()
+        await self.stream.start()
+        await self.rate_limiter.start()
         await asyncio.gather(*(u.start() for u in self.upstreams.values()))
 
     async def close(self) -> None:
+        await self.rate_limiter.close()
         await asyncio.gather(*(u.close() for u in [*self.upstreams.values(), *self._retired]))
+        await self.stream.stop()
         await self.audit.close()
 
     # -- requests -------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from fastapi import FastAPI
 from sqlproxy.config.loader import ConfigError, ConfigHolder
 from sqlproxy.http.app import create_app
 from sqlproxy.runtime import Runtime
+from sqlproxy.wire.listener import WireServer
 
 log = logging.getLogger("sqlproxy")
 
@@ -25,6 +26,9 @@ def build_app(holder: ConfigHolder, env: Mapping[str, str] | None = None) -> Fas
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await runtime.start()
+        wire = WireServer(runtime) if holder.current.wire.enabled else None
+        if wire is not None:
+            await wire.start()
         loop = asyncio.get_running_loop()
 
         def on_hup() -> None:
@@ -41,6 +45,8 @@ def build_app(holder: ConfigHolder, env: Mapping[str, str] | None = None) -> Fas
         finally:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.remove_signal_handler(signal.SIGHUP)
+            if wire is not None:
+                await wire.stop()  # finish transactions up to wire.shutdown_grace_s first
             await runtime.close()
 
     app.router.lifespan_context = lifespan

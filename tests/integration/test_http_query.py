@@ -174,3 +174,18 @@ async def test_views_do_not_bypass_base_table_policies(proxy: ProxyHarness) -> N
     r = await proxy.query("analyst", "SELECT * FROM employee_directory")
     assert r.status_code == 403
     assert r.json()["error"]["rule"] == "analyst-no-employees"
+
+
+async def test_session_state_never_leaks_between_requests(proxy: ProxyHarness) -> None:
+    # A plain SET outlives its transaction on a pooled connection; the proxy must not hand that
+    # connection to the next request as it is.
+    for _ in range(3):
+        r = await proxy.query("admin", "SET work_mem = '7777kB'; SHOW work_mem")
+        assert r.json()["results"][1]["rows"] == [["7777kB"]]
+    for _ in range(12):
+        rows = await _rows(proxy, "admin", "SHOW work_mem")
+        assert rows != [["7777kB"]]
+        user = await _rows(proxy, "developer", "SELECT current_setting('sqlproxy.user', true)")
+        assert user == [["developer"]]
+    stats = proxy.runtime.upstreams["demo"].pool_stats()
+    assert stats["size"] == stats["idle"]

@@ -10,6 +10,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from sqlproxy.ratelimit.config import DistributedRateLimitConfig, RateLimitConfig
+
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]*$")
 
 
@@ -49,6 +51,8 @@ class WireConfig(Strict):
     idle_timeout_s: Annotated[float, Field(ge=0)] = 0.0  # 0 = never
     idle_in_transaction_timeout_s: Annotated[float, Field(ge=0)] = 0.0
     shutdown_grace_s: Annotated[float, Field(ge=0)] = 30.0
+    # Server connections per database for wire clients; None uses the database's pool_max.
+    server_pool_size: Annotated[int, Field(ge=1, le=10000)] | None = None
 
     @model_validator(mode="after")
     def _tls_pair(self) -> WireConfig:
@@ -218,6 +222,14 @@ class ColumnClassification(Strict):
     columns: str
     classification: str
 
+    @field_validator("columns")
+    @classmethod
+    def _pattern(cls, v: str) -> str:
+        parts = v.split(".")
+        if not 1 <= len(parts) <= 3 or any(not p.strip() for p in parts):
+            raise ValueError("must be column, table.column or schema.table.column (globs allowed)")
+        return v
+
 
 class ClassificationConfig(Strict):
     enabled: bool = True
@@ -249,6 +261,31 @@ class AuthConfig(Strict):
     lockout_duration_s: Annotated[float, Field(gt=0)] = 300.0
 
 
+class StreamConfig(Strict):
+    """The WebSocket stream door (/api/v1/stream) and its cross-node fan-out."""
+
+    enabled: bool = True
+    # Names this node in audit events and resume cursors; default: made once and kept in state_dir.
+    node_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.\-]{1,64}$")
+    heartbeat_s: Annotated[float, Field(gt=0)] = 15.0
+    auth_timeout_s: Annotated[float, Field(gt=0)] = 10.0
+    # Audit records buffered per subscription; a subscriber further behind is closed as lagging.
+    queue_records: Annotated[int, Field(ge=1)] = 10_000
+    max_connections: Annotated[int, Field(ge=1)] = 1000
+    max_subscriptions: Annotated[int, Field(ge=1)] = 32
+    max_frame_bytes: Annotated[int, Field(ge=1024)] = 1_048_576
+    # Rows one query subscription may stream; None means no cap (the client may set its own).
+    query_max_rows: Annotated[int, Field(ge=1)] | None = None
+    query_max_batch_rows: Annotated[int, Field(ge=1)] = 10_000
+    # A query left without credit this long is cancelled (it holds a connection and a snapshot).
+    query_idle_timeout_s: Annotated[float, Field(gt=0)] = 300.0
+    metrics_min_interval_ms: Annotated[int, Field(ge=10)] = 100
+    # Cross-node fan-out of audit events through Redis streams; off unless a URL is given.
+    redis_url: str | None = None
+    redis_prefix: str = "sqlproxy"
+    redis_retention: Annotated[int, Field(ge=100)] = 100_000
+
+
 class ProxyConfig(Strict):
     server: ServerConfig = ServerConfig()
     wire: WireConfig = WireConfig()
@@ -261,6 +298,9 @@ class ProxyConfig(Strict):
     classification: ClassificationConfig = ClassificationConfig()
     audit: AuditConfig = AuditConfig()
     auth: AuthConfig = AuthConfig()
+    rate_limits: RateLimitConfig = RateLimitConfig()
+    distributed_rate_limiting: DistributedRateLimitConfig = DistributedRateLimitConfig()
+    stream: StreamConfig = StreamConfig()
     # With no [databases], start an embedded PostgreSQL with the demo schema ("demo"), or refuse.
     embedded: Literal["demo", "off"] = "demo"
 
@@ -272,6 +312,9 @@ class ProxyConfig(Strict):
             for r in u.roles:
                 if r not in self.roles:
                     raise ValueError(f"users.{uname}.roles: unknown role {r!r}")
+        for r in self.rate_limits.roles:
+            if r not in self.roles:
+                raise ValueError(f"rate_limits.roles.{r}: unknown role")
         if self.default_database is not None and self.default_database not in self.databases:
             raise ValueError(f"default_database: {self.default_database!r} is not under [databases]")
         names: set[str] = set()

@@ -51,7 +51,27 @@ def _row_count_from_tag(tag: str) -> int:
     return 0
 
 
-_SETUP_SQL = "SELECT set_config('statement_timeout', $1, true), set_config('sqlproxy.user', $2, true)"
+def _quote_literal(value: str) -> str:
+    # E'' so the result is right whatever standard_conforming_strings says.
+    return "E'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
+
+
+def _begin_script(timeout_ms: int, user: str) -> str:
+    """BEGIN and the request's settings in one simple-query round trip; SET LOCAL and
+    set_config(..., true) end with the transaction, so nothing outlives the request."""
+    return (
+        f"BEGIN; SET LOCAL statement_timeout = {int(timeout_ms)}; "
+        f"SELECT set_config('sqlproxy.user', {_quote_literal(user)}, true)"
+    )
+
+
+async def _release_as_is(conn: asyncpg.Connection) -> None:
+    """Pool reset hook. Requests that cannot change session state leave nothing to reset, so the
+    round trip asyncpg's default reset costs is skipped; the others discard their connection
+    (see ``Upstream.run``)."""
+    if conn.is_in_transaction():
+        await conn.execute("ROLLBACK")
+
 
 _CONNECTION_ERRORS = (
     OSError,
@@ -118,9 +138,7 @@ class Upstream:
                         max_size=self.config.pool_max,
                         timeout=self.config.connect_timeout_s,
                         command_timeout=None,
-                        # Session state (SET, LISTEN, temp tables, prepared statements made by
-                        # SQL PREPARE) must not leak from one user's request to the next.
-                        init=None,
+                        reset=_release_as_is,
                     )
                     self.last_error = None
                 except BaseException as e:
@@ -190,20 +208,38 @@ class Upstream:
         max_rows: int | None = None,
         timeout_ms: int | None = None,
         params: Sequence[Any] | None = None,
+        session_state: bool = True,
     ) -> list[StatementResult]:
-        """Run ``statements`` in one transaction. ``params`` binds $1.. of a single statement."""
+        """Run ``statements`` in one transaction. ``params`` binds $1.. of a single statement.
+
+        ``session_state`` says the statements may leave state on the server session (SET,
+        LISTEN, temp tables, SQL-level PREPARE, session advisory locks, ...): the connection is
+        then closed instead of going back to the pool, so nothing leaks to the next user."""
         pool = await self._ensure_pool()
         cap = max_rows if max_rows is not None else self.config.max_result_rows
         cap = min(cap, self.config.max_result_rows)
         timeout = self.config.statement_timeout_ms if timeout_ms is None else timeout_ms
         results: list[StatementResult] = []
         try:
-            async with pool.acquire(timeout=self.config.connect_timeout_s) as conn, conn.transaction():
-                # One round trip for both settings; is_local=true scopes them to this transaction.
-                await conn.execute(_SETUP_SQL, str(timeout), user)
-                for sql in statements:
-                    args = tuple(params) if params and len(statements) == 1 else ()
-                    results.append(await self._run_one(conn, sql, cap, args))
+            async with pool.acquire(timeout=self.config.connect_timeout_s) as conn:
+                try:
+                    await conn.execute(_begin_script(timeout, user))
+                    for sql in statements:
+                        args = tuple(params) if params and len(statements) == 1 else ()
+                        results.append(await self._run_one(conn, sql, cap, args))
+                    await conn.execute("COMMIT")
+                except BaseException:
+                    if not conn.is_closed():
+                        if session_state:
+                            conn.terminate()
+                        elif conn.is_in_transaction():
+                            try:
+                                await asyncio.shield(conn.execute("ROLLBACK"))
+                            except Exception:  # a broken connection must not mask the error
+                                conn.terminate()
+                    raise
+                if session_state:
+                    await conn.close(timeout=self.config.connect_timeout_s)
         except BaseException as e:
             if isinstance(e, asyncio.CancelledError):
                 raise

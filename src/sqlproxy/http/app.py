@@ -293,6 +293,18 @@ def create_app(runtime: Runtime) -> FastAPI:
             }
         )
 
+    @app.get(
+        "/api/v1/rate-limits",
+        summary="Rate limits: levels, budgets, this node's buckets and, when distributed, usage per node",
+    )
+    async def rate_limits(request: HttpRequest) -> Response:
+        try:
+            req = await _admin_identity(request, "rate_limits")
+        except ProxyError as e:
+            return _error_response(e, None)
+        await runtime.audit_request(req)
+        return _json(await runtime.rate_limiter.snapshot())
+
     @app.get("/api/v1/audit", summary="Audit records, newest last; non-admins see only their own")
     async def audit(
         request: HttpRequest,
@@ -377,6 +389,9 @@ def create_app(runtime: Runtime) -> FastAPI:
         m.cache_misses.set(runtime.analysis_cache.misses)
         return Response(m.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    from sqlproxy.http.stream_routes import install_stream_routes
+
+    install_stream_routes(app, runtime)
     return app
 
 

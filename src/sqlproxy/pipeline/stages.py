@@ -24,7 +24,8 @@ from sqlproxy.pipeline.errors import (
 from sqlproxy.pipeline.pipeline import Next
 from sqlproxy.pipeline.request import Request
 from sqlproxy.policy.principal import Principal
-from sqlproxy.sql.model import SqlSyntaxError, StatementKind
+from sqlproxy.ratelimit.stage import RateLimitStage
+from sqlproxy.sql.model import Analysis, SqlSyntaxError, StatementKind
 
 if TYPE_CHECKING:
     from sqlproxy.runtime import Runtime
@@ -240,6 +241,7 @@ class ExecuteStage:
                     user=req.identity.name,
                     max_rows=req.max_rows,
                     params=req.params,
+                    session_state=may_change_session(req.analysis),
                 )
         finally:
             req.stage_seconds[self.name] = time.perf_counter() - t
@@ -253,6 +255,38 @@ class ExecuteStage:
 
 
 _CATALOG_CHANGING = frozenset({StatementKind.DDL, StatementKind.GRANT})
+
+# Statements that leave nothing on the server session once their transaction ends.
+_SESSION_NEUTRAL = frozenset(
+    {
+        StatementKind.SELECT,
+        StatementKind.INSERT,
+        StatementKind.UPDATE,
+        StatementKind.DELETE,
+        StatementKind.MERGE,
+        StatementKind.EXPLAIN,
+        StatementKind.SHOW,
+    }
+)
+# Functions whose effect outlives the transaction.
+_SESSION_FUNCTIONS = (
+    "set_config",
+    "pg_advisory_lock",
+    "pg_advisory_lock_shared",
+    "dblink_connect",
+    "lo_open",
+)
+
+
+def may_change_session(analysis: Analysis) -> bool:
+    for st in analysis.statements:
+        if st.kind not in _SESSION_NEUTRAL or st.dangers:
+            return True
+        for fn in st.functions:
+            name = fn.rsplit(".", 1)[-1]
+            if name.startswith(_SESSION_FUNCTIONS):
+                return True
+    return False
 
 
 class ClassifyStage:
@@ -278,6 +312,7 @@ def standard_stages(runtime: Runtime) -> list[object]:
         AuditStage(runtime),
         MetricsStage(runtime),
         AuthenticateStage(runtime),
+        RateLimitStage(runtime),
         AnalyzeStage(runtime),
         PolicyStage(runtime),
         RewriteStage(runtime),
