@@ -197,7 +197,8 @@ async def test_search_path_tracked_for_analysis(wire: WireHarness) -> None:
 
 
 def _sqlalchemy(url: str) -> list[int]:
-    sa = pytest.importorskip("sqlalchemy")
+    import sqlalchemy as sa
+
     engine = sa.create_engine(url.replace("postgresql://", "postgresql+psycopg://"))
     with engine.begin() as conn:
         ids = [
@@ -208,7 +209,6 @@ def _sqlalchemy(url: str) -> list[int]:
 
 
 async def test_sqlalchemy(wire: WireHarness) -> None:
-    pytest.importorskip("sqlalchemy")
     assert await asyncio.to_thread(_sqlalchemy, wire.url("developer")) == [1, 2, 3]
 
 

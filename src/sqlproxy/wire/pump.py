@@ -312,8 +312,9 @@ class ResponsePump:
                 raise RuntimeError(f"unexpected {chr(t)!r} while expecting kind {kind}")
         if out and owner is not None and owner.client_transport is not None:
             owner.client_transport.write(b"".join(out) if len(out) > 1 else out[0])
-        if ready is not None and owner is not None:
-            owner.backend_ready(ready)
+        if owner is not None and (ready is not None or not queue):
+            # Also when the replies owed ran out without a ReadyForQuery (after a Flush).
+            owner.backend_ready(self.status if ready is None else ready)
 
     def _error(self, exp: Exp, frame: bytes, out: list[bytes]) -> None:
         kind = exp.kind

@@ -87,6 +87,7 @@ _EXTENDED = frozenset({_P, _B, _D, _E, _C, _S, _H})
 _U32 = struct.Struct("!I")
 
 _PARSE_COMPLETE = b"1\x00\x00\x00\x04"
+_SYNC_MSG = b"S\x00\x00\x00\x04"
 _CLOSE_COMPLETE = b"3\x00\x00\x00\x04"
 _EMPTY_QUERY = b"I\x00\x00\x00\x04"
 _READY = {s: b"Z\x00\x00\x00\x05" + s.encode() for s in "ITE"}
@@ -160,6 +161,12 @@ class WireSession(asyncio.Protocol, PumpOwner):
         self._cache_token: tuple[object, object] | None = None
         self._out: list[bytes] = []
         self._audits: list[Request] = []
+        # True while the session task waits for client bytes.
+        self._reading = False
+        # Extended-protocol messages forwarded since the last Sync, and whether any of them
+        # made a portal (which lives on this server connection until that Sync).
+        self._batch_open = False
+        self._batch_portal = False
 
     # -- asyncio.Protocol ------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -231,8 +238,10 @@ class WireSession(asyncio.Protocol, PumpOwner):
         if not busy and self.counted:
             c = self.cfg
             timeout = c.idle_timeout_s if self.status == "I" else c.idle_in_transaction_timeout_s
+        self._release_if_idle()
         fut = asyncio.get_running_loop().create_future()
         self._waiter = fut
+        self._reading = True
         try:
             if timeout > 0:
                 try:
@@ -247,6 +256,7 @@ class WireSession(asyncio.Protocol, PumpOwner):
                 await fut
         finally:
             self._waiter = None
+            self._reading = False
         if self._eof and not self.dec.buffered:
             raise ClientGone
 
@@ -495,7 +505,34 @@ class WireSession(asyncio.Protocol, PumpOwner):
     # PumpOwner callbacks (called from the server connection's data_received).
     def backend_ready(self, status: str) -> None:
         self.status = status
-        if self.simple_active or self.pinned or status != "I" or self._out or self.discard:
+        # Only while the session waits for its client: in the middle of a message (a Parse
+        # being decided, say) the session still holds and uses this connection.
+        if self._reading:
+            self._release_if_idle()
+
+    def _release_if_idle(self) -> None:
+        be = self.be
+        if (
+            be is None
+            or self.pinned
+            or self.simple_active
+            or self.status != "I"
+            or self._out
+            or self.discard
+            or (be.pump is not None and be.pump.pending)
+        ):
+            return
+        if self._batch_open:
+            if self._batch_portal:
+                return  # a portal lives in the server's transaction until the client's Sync
+            # The client parsed or described and now waits without a Sync (asyncpg's prepare
+            # ends in Flush). Nothing it did depends on this connection any more: end the
+            # server's side with a Sync of our own and give the connection back. The client's
+            # Sync, when it comes, is answered by the proxy.
+            self._batch_open = False
+            assert be.pump is not None
+            be.pump.expect(Exp(HIDDEN, lambda _e: self._release_if_idle()))
+            be.write(_SYNC_MSG)
             return
         self._release()
 
@@ -692,6 +729,12 @@ class WireSession(asyncio.Protocol, PumpOwner):
         assert pump is not None
         if pump.skipping and t != _S:
             return  # the server skips to Sync after its error, and so do we
+        if t == _S:
+            self._batch_open = self._batch_portal = False
+        else:
+            self._batch_open = True
+            if t in (_B, _E) or (t == _D and payload[:1] == b"P"):
+                self._batch_portal = True
         if t == _P:
             await self._parse(be, payload)
         elif t == _B:
