@@ -3,8 +3,9 @@ from dataclasses import dataclass
 
 import pytest
 
-from sqlproxy.classify.classifier import ClassificationRuleError, Classifier
+from sqlproxy.classify.classifier import Classifier
 from sqlproxy.classify.detectors import CREDIT_CARD, EMAIL, IP_ADDRESS, PHONE, SSN
+from sqlproxy.config.loader import ConfigError, parse_config
 from sqlproxy.config.models import ClassificationConfig, ColumnClassification
 from sqlproxy.sql.model import ColumnSource, OutputColumn, TableName
 
@@ -95,9 +96,10 @@ def test_two_rules_one_column_give_both_labels_sorted() -> None:
 
 @pytest.mark.parametrize("pattern", ["a.b.c.d", "", "public..email", "."])
 def test_bad_rule_pattern_names_its_key_path(pattern: str) -> None:
-    with pytest.raises(ClassificationRuleError) as ei:
-        make(("*.*.email", EMAIL), (pattern, SSN))
-    assert ei.value.path == "classification.rules.1.columns"
+    rules = [{"columns": "*.*.email", "classification": EMAIL}, {"columns": pattern, "classification": SSN}]
+    with pytest.raises(ConfigError) as ei:
+        parse_config({"classification": {"rules": rules}})
+    assert ei.value.problems[0].path == "classification.rules.1.columns"
 
 
 def test_lineage_results_are_cached_per_source_set() -> None:
