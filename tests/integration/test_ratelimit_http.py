@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import psycopg
 import pytest
 import pytest_asyncio
 
@@ -16,6 +17,7 @@ from sqlproxy.config.loader import ConfigHolder, load_config
 from sqlproxy.demo.launcher import write_demo_config
 from sqlproxy.runtime import Runtime
 from sqlproxy.server import build_app
+from sqlproxy.wire.listener import WireServer
 
 # The analyst may send 2 requests at once and then one every 1000 s: nothing refills during a test.
 ANALYST_LIMIT = "\n[rate_limits.users.analyst]\nrate = 0.001\nburst = 2\n"
@@ -27,14 +29,17 @@ class Limited:
     client: httpx.AsyncClient
     keys: dict[str, str]
     config_path: Path
+    passwords: dict[str, str]
 
     def auth(self, user: str) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.keys[user]}"}
 
 
 @pytest_asyncio.fixture(loop_scope="session")
-async def limited(demo_dsn: str, tmp_path: Path, demo_keys: dict[str, str]) -> AsyncIterator[Limited]:
-    path = write_demo_config(tmp_path, demo_dsn, 8080, demo_keys)
+async def limited(
+    demo_dsn: str, tmp_path: Path, demo_keys: dict[str, str], demo_passwords: dict[str, str]
+) -> AsyncIterator[Limited]:
+    path = write_demo_config(tmp_path, demo_dsn, 8080, demo_keys, demo_passwords)
     path.write_text(path.read_text() + ANALYST_LIMIT)
     holder = ConfigHolder(load_config(path), path)
     app = build_app(holder, env={})
@@ -42,7 +47,7 @@ async def limited(demo_dsn: str, tmp_path: Path, demo_keys: dict[str, str]) -> A
     await runtime.start()
     transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 40001))
     async with httpx.AsyncClient(transport=transport, base_url="http://sqlproxy.test") as client:
-        yield Limited(runtime, client, demo_keys, path)
+        yield Limited(runtime, client, demo_keys, path, demo_passwords)
     await runtime.close()
 
 
@@ -121,3 +126,30 @@ async def test_reload_applies_new_limits_and_keeps_the_bucket(limited: Limited) 
     p.config_path.write_text(text.replace(ANALYST_LIMIT.replace("burst = 2", "burst = 5"), ""))
     assert (await p.client.post("/api/v1/admin/reload", headers=p.auth("admin"))).status_code == 200
     assert (await _query(p, "analyst")).status_code == 200
+
+
+async def test_wire_door_refuses_with_53400_naming_the_level_and_the_session_goes_on(
+    limited: Limited,
+) -> None:
+    p = limited
+    server = WireServer(p.runtime, host="127.0.0.1", port=0, config=p.runtime.config.current.wire)
+    await server.start()
+    try:
+        dsn = (
+            f"host=127.0.0.1 port={server.bound_port} dbname=demo user=analyst "
+            f"password={p.passwords['analyst']} sslmode=disable"
+        )
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+            for _ in range(2):
+                assert await (await conn.execute("SELECT 1 AS one")).fetchone() == (1,)
+            with pytest.raises(psycopg.errors.ConfigurationLimitExceeded) as ei:
+                await conn.execute("SELECT 1 AS one")
+            assert ei.value.sqlstate == "53400"
+            assert "per-user limit for 'analyst'" in str(ei.value)
+            # The refusal ends that statement only: the connection is idle and usable.
+            assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        await p.runtime.audit.flush()
+        recs = await p.runtime.audit.store.query(user="analyst", decision="rate_limited", limit=10)
+        assert any(r.door == "wire" and r.rule == "rate-limit:user" for r in recs)
+    finally:
+        await server.stop(grace_s=1)
