@@ -242,3 +242,12 @@ async def test_pgbench_select_only_modes(wire: WireHarness, proxy) -> None:
     finally:
         os.unlink(f.name)
     assert wire.backends_in_use() == 0
+
+
+async def test_identity_setting_cannot_be_changed_by_the_client(wire: WireHarness) -> None:
+    async with await psycopg.AsyncConnection.connect(wire.dsn("admin"), autocommit=True) as conn:
+        for sql in ("""SET "sqlproxy.user" = 'auditor'""", 'RESET "sqlproxy.user"', "RESET ALL"):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                await conn.execute(sql)
+        cur = await conn.execute("SELECT current_setting('sqlproxy.user')")
+        assert (await cur.fetchone()) == ("admin",)

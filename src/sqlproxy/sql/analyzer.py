@@ -301,7 +301,9 @@ class _Statement:
             self.new_path = self.default_search_path
             self.acc.dangers.add("set_role")
             return
-        if name in ("role", "session_authorization"):
+        # sqlproxy.* settings carry the end user's identity into the database (sqlproxy.user):
+        # changing one is an identity change like SET ROLE.
+        if name in ("role", "session_authorization") or name.startswith("sqlproxy."):
             self.acc.dangers.add("set_role")
         if name != "search_path":
             self.walker.expr(node.args, Scope())

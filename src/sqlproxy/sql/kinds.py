@@ -17,7 +17,8 @@ copy_file              COPY ... FROM/TO 'file' (server file system)
 load                   LOAD (loads a shared library)
 create_extension       CREATE/ALTER EXTENSION, ALTER EXTENSION ADD/DROP
 set_role               SET [LOCAL] ROLE / SESSION AUTHORIZATION, RESET ROLE / SESSION
-                       AUTHORIZATION, RESET ALL, DISCARD ALL (identity changes)
+                       AUTHORIZATION, RESET ALL, DISCARD ALL, SET/RESET "sqlproxy.*"
+                       (identity changes)
 security_label         SECURITY LABEL
 create_server          foreign data wrappers, servers, user mappings, foreign tables,
                        IMPORT FOREIGN SCHEMA (reach other servers or files)
