@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import ssl
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from psycopg.conninfo import conninfo_to_dict
 
@@ -95,8 +95,9 @@ class BackendConnection(asyncio.Protocol):
 
     # -- asyncio.Protocol ------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports (`sqlproxy serve` runs on uvloop) implement asyncio.Transport
+        # without subclassing it, so no isinstance check here.
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         self.decoder.feed(data)

@@ -20,7 +20,7 @@ import logging
 import secrets
 import ssl
 import struct
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from sqlproxy.auth.users import Identity, _source_lock_key, _user_lock_key, parse_source_ip
 from sqlproxy.pipeline.errors import ProxyError, Unauthenticated, UpstreamError
@@ -170,8 +170,9 @@ class WireSession(asyncio.Protocol, PumpOwner):
 
     # -- asyncio.Protocol ------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports (`sqlproxy serve` runs on uvloop) implement asyncio.Transport
+        # without subclassing it, so no isinstance check here.
+        self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and len(peer) >= 2:
             self.source_ip, self.source_port = str(peer[0]), int(peer[1])
