@@ -4,3 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v wrk >/dev/null || bash scripts/sysdeps.sh wrk
 .venv/bin/python bench/http_bench.py "$@"
+bash bench/pgbench.sh
