@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs the system packages sqlproxy's tests and demo use, only when they are missing:
-# PostgreSQL server binaries (initdb, pg_ctl, postgres, pgbench), redis-server, psql.
+# PostgreSQL server binaries (initdb, pg_ctl, postgres, pgbench), redis-server, psql, and for the
+# dashboard's browser test Debian's Chromium (/usr/bin/chromium) with Node.js and npm (the test
+# installs playwright-core from tests/browser/package-lock.json and never downloads a browser).
 # Needs root (or sudo) only when something is missing.
 set -euo pipefail
 
@@ -13,10 +15,13 @@ have_pg_bin initdb || need+=(postgresql)
 have_pg_bin pgbench || need+=(postgresql-contrib)
 command -v psql >/dev/null 2>&1 || need+=(postgresql-client)
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+[ -x /usr/bin/chromium ] || need+=(chromium)
+command -v node >/dev/null 2>&1 || need+=(nodejs)
+command -v npm >/dev/null 2>&1 || need+=(npm)
 for extra in "$@"; do
   case "$extra" in
     pgbouncer) command -v pgbouncer >/dev/null 2>&1 || need+=(pgbouncer) ;;
-    chromium) command -v chromium >/dev/null 2>&1 || need+=(chromium) ;;
+    chromium) ;;  # always checked above
     *) need+=("$extra") ;;
   esac
 done
