@@ -142,9 +142,11 @@ class AuditSubscription(Subscription):
         if resume is None and self.frame.tail:
             # The tail is history (seq at or below the start cursor), sent as is; the live part
             # then continues after whichever is later.
-            tail = await hub.tail(self.filter, self.frame.tail)
+            start_local = self.cursor[hub.node_id]
+            # Records newer than the start cursor come through the live queue, in order: a tail
+            # record past it would move the cursor over live records still queued behind it.
+            tail = [r for r in await hub.tail(self.filter, self.frame.tail) if r.seq <= start_local]
             if tail:
-                start_local = self.cursor[hub.node_id]
                 self.cursor[hub.node_id] = 0
                 await self._send_records(hub.node_id, tail)
                 self.cursor[hub.node_id] = max(start_local, self.cursor[hub.node_id])
