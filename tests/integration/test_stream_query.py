@@ -188,6 +188,22 @@ async def test_multi_statement_reports_each_statement(live: LiveProxy, pg: async
         await pg.execute(f"DROP TABLE {t}")
 
 
+async def test_a_write_past_the_row_cap_still_runs(live: LiveProxy, pg: asyncpg.Connection) -> None:
+    t = f"stream_t_{uuid.uuid4().hex[:8]}"
+    await pg.execute(f"CREATE TABLE {t} (x int)")
+    try:
+        c = await live.ws("admin")
+        await c.ready()
+        sql = f"SELECT 1 AS one; INSERT INTO {t} VALUES (7) RETURNING x"
+        await _query(c, "w", sql, credit=5, max_rows=1)
+        done = await c.recv_type("complete", "w")
+        assert done["statements"][1]["capped"] is True
+        assert await pg.fetchval(f"SELECT count(*) FROM {t} WHERE x = 7") == 1
+        await c.close()
+    finally:
+        await pg.execute(f"DROP TABLE {t}")
+
+
 async def test_disconnect_mid_stream_is_audited_as_cancelled(live: LiveProxy) -> None:
     c = await live.ws("admin")
     await c.ready()

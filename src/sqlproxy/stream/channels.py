@@ -414,6 +414,11 @@ class QuerySubscription(Subscription):
                 left = self.max_rows - self.rows_sent
                 if left <= 0:
                     capped = True
+                    if not sent_columns:
+                        # Binding does not run the statement: a write (INSERT ... RETURNING)
+                        # past the cap must still happen, as on the HTTP door; its rows are
+                        # simply not sent. The first fetch runs a DML statement to the end.
+                        await self._cancellable(cursor.fetch(1))
                     break
                 want = min(want, left)
             await self._wait_credit()
