@@ -19,7 +19,9 @@ so the prepared runs go to its session-mode pool; sqlproxy runs prepared in both
 
 Prints TPS per target and mode, the ratios sqlproxy / PgBouncer and sqlproxy / direct, the
 failed-transaction counts pgbench reported, the machine load, and the number of audit records
-sqlproxy wrote (so the figures are for the full pipeline, audit included).
+sqlproxy wrote (so the figures are for the full pipeline, audit included). For PgBouncer and
+sqlproxy it also prints the CPU time their process used per transaction (from /proc): on a busy
+machine TPS moves with everyone else's load, CPU per transaction much less.
 
     .venv/bin/python bench/pgbench_bench.py --seconds 10 --rounds 2 --clients 16
 """
@@ -62,7 +64,7 @@ class Target:
     label: str
     port: int
     database: str
-    pid: int | None = None  # the sqlproxy process, for --py-spy
+    pid: int | None = None  # the proxy process: its CPU time per transaction, and --py-spy
 
 
 @dataclass
@@ -75,7 +77,20 @@ class Result:
     failed: int
     latency_ms: float
     load1: float
+    cpu_s: float | None = None  # CPU seconds the proxy process used during the run
     error: str = ""
+
+    @property
+    def cpu_us_per_txn(self) -> float | None:
+        if self.cpu_s is None or not self.transactions:
+            return None
+        return self.cpu_s * 1e6 / self.transactions
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process, all its threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def loadavg() -> str:
@@ -355,7 +370,7 @@ def run_pgbench(
         argv.insert(1, "-S")
     load1 = os.getloadavg()[0]
     spy: subprocess.Popen[bytes] | None = None
-    if profile_dir is not None and target.pid is not None and rnd == 1:
+    if profile_dir is not None and target.key.startswith("sqlproxy") and target.pid and rnd == 1:
         out_file = profile_dir / f"{mode if select_only else 'tpcb'}-{target.key}.txt"
         spy = subprocess.Popen(
             [
@@ -376,6 +391,7 @@ def run_pgbench(
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
+    cpu0 = process_cpu_s(target.pid) if target.pid else 0.0
     proc = subprocess.run(
         argv,
         env=pgenv(target.port, target.database, password),
@@ -384,6 +400,7 @@ def run_pgbench(
         timeout=seconds + 120,
         check=False,
     )
+    cpu_s = process_cpu_s(target.pid) - cpu0 if target.pid else None
     if spy is not None:
         try:
             spy.wait(timeout=30)
@@ -406,12 +423,16 @@ def run_pgbench(
         failed=int(failed.group(1)) if failed else (0 if proc.returncode == 0 else -1),
         latency_ms=float(lat.group(1)) if lat else 0.0,
         load1=load1,
+        cpu_s=cpu_s,
         error=error,
     )
     tag = f"[{result.mode} round {rnd}] {target.label}"
+    cpu = result.cpu_us_per_txn
     print(
-        f"{tag:58} {result.tps:9.0f} tps  lat {result.latency_ms:6.2f} ms  "
-        f"failed {result.failed}  load {load1:.2f}" + (f"  ERROR {error}" if error else ""),
+        f"{tag:52} {result.tps:8.0f} tps  lat {result.latency_ms:6.2f} ms  failed {result.failed}  "
+        + (f"proxy CPU {cpu_s / seconds:4.0%} {cpu:5.0f} us/txn  " if cpu is not None and cpu_s else "")
+        + f"load {load1:.2f}"
+        + (f"  ERROR {error}" if error else ""),
         flush=True,
     )
     return result
@@ -463,8 +484,10 @@ def main() -> int:
             procs.append((p.proc, name))
 
         direct = Target("direct", "direct PostgreSQL", pg.port, BENCH_DB)
-        pgb_tx = Target("pgbouncer-tx", "PgBouncer (transaction)", bouncer_port, "bench_tx")
-        pgb_ses = Target("pgbouncer-session", "PgBouncer (session)", bouncer_port, "bench_session")
+        pgb_tx = Target("pgbouncer-tx", "PgBouncer (transaction)", bouncer_port, "bench_tx", bouncer.pid)
+        pgb_ses = Target(
+            "pgbouncer-session", "PgBouncer (session)", bouncer_port, "bench_session", bouncer.pid
+        )
         sp_tx = Target(
             "sqlproxy-tx", "sqlproxy (transaction)", proxies[0].port, BENCH_DB, proxies[0].proc.pid
         )
@@ -553,17 +576,19 @@ def report(
         f"\n== pgbench -S -c {args.clients} -j 2 -T {args.seconds} (scale {args.scale}, "
         f"pool size {args.pool_size}): TPS =="
     )
-    head = f"{'mode':10} {'target':18}" + "".join(f" {'round ' + str(i):>9}" for i in range(1, rounds + 1))
-    print(head + f" {'mean':>9} {'failed':>7} {'lat ms':>7}")
+    head = f"{'mode':11} {'target':17}" + "".join(f" {'round ' + str(i):>9}" for i in range(1, rounds + 1))
+    print(head + f" {'mean':>9} {'failed':>7} {'lat ms':>7} {'proxy CPU us/txn':>17}")
     for (mode, target), rs in by.items():
         cells = "".join(f" {r.tps:9.0f}" for r in rs)
         cells += " " * 10 * (rounds - len(rs))
         failed = sum(r.failed for r in rs)
         lat = statistics.mean(r.latency_ms for r in rs)
-        print(f"{mode:10} {target:18}{cells} {mean(mode, target):9.0f} {failed:7d} {lat:7.2f}")
+        cpus = [c for c in (r.cpu_us_per_txn for r in rs) if c is not None]
+        cpu = f"{statistics.mean(cpus):17.0f}" if cpus else f"{'-':>17}"
+        print(f"{mode:11} {target:17}{cells} {mean(mode, target):9.0f} {failed:7d} {lat:7.2f} {cpu}")
 
     print("\n== ratios (mean TPS) ==")
-    print(f"{'mode':10} {'sqlproxy target':18} {'vs PgBouncer':>22} {'/PgBouncer':>11} {'/direct':>8}")
+    print(f"{'mode':11} {'sqlproxy target':17} {'vs PgBouncer':>18} {'/PgBouncer':>11} {'/direct':>8}")
     pairs = (
         ("simple", "sqlproxy-tx", "pgbouncer-tx"),
         ("extended", "sqlproxy-tx", "pgbouncer-tx"),
@@ -575,7 +600,7 @@ def report(
         if (mode, sp) not in by:
             continue
         s = mean(mode, sp)
-        print(f"{mode:10} {sp:18} {pgb:>22} {s / mean(mode, pgb):11.3f} {s / mean(mode, 'direct'):8.3f}")
+        print(f"{mode:11} {sp:17} {pgb:>18} {s / mean(mode, pgb):11.3f} {s / mean(mode, 'direct'):8.3f}")
 
     print("\n== audit (full pipeline check) ==")
     for name, (jsonl, total, by_decision) in audit.items():
