@@ -18,6 +18,7 @@ import secrets
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -63,53 +64,32 @@ async def _line(proc: asyncio.subprocess.Process, stderr_path: Path) -> dict[str
     return msg
 
 
-async def test_dashboard_in_chromium_follows_live_traffic_and_filters_the_audit_tail(
-    live: LiveProxy, browser_env: dict[str, str]
-) -> None:
-    mark = f"m_{secrets.token_hex(4)}"
+def _shots_dir() -> Path:
     shots = Path(os.environ.get("SQLPROXY_TEST_SHOTS") or tempfile.mkdtemp(prefix="sqlproxy-dashboard-"))
     shots.mkdir(parents=True, exist_ok=True)
-    stderr_path = shots / "node-stderr.txt"
-    env = {
-        **browser_env,
-        "SQLPROXY_URL": live.base_url,
-        "SQLPROXY_KEY": live.keys["admin"],
-        "SQLPROXY_MARK": mark,
-        "SQLPROXY_SHOTS": str(shots),
-    }
+    return shots
+
+
+async def run_page(
+    env: dict[str, str], shots: Path, act: Callable[[dict[str, Any]], Awaitable[None]]
+) -> dict[str, Any]:
+    """Runs the browser script; ``act`` runs between its "ready" and the "go" it waits for.
+    Returns the facts of its "done" line."""
+    stderr_path = shots / f"node-stderr-{env['SQLPROXY_SCENARIO']}.txt"
     with stderr_path.open("wb") as stderr:
         proc = await asyncio.create_subprocess_exec(
             "node",
             str(SCRIPT),
             cwd=BROWSER_DIR,
-            env=env,
+            env={**env, "SQLPROXY_SHOTS": str(shots)},
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=stderr,
         )
         try:
             ready = await _line(proc, stderr_path)
-            assert ready["event"] == "ready"
-
-            # The traffic the page must show while it is open.
-            for _ in range(3):
-                r = await live.query("developer", f"SELECT id AS {mark} FROM orders LIMIT 1")
-                assert r.status_code == 200, r.text
-            # The auditor's budget is 20/s with a burst of 50: spend it until a request is refused.
-            limited = 0
-            for _ in range(40):
-                batch = await asyncio.gather(
-                    *(live.query("auditor", "SELECT total FROM orders LIMIT 1") for _ in range(10))
-                )
-                assert {b.status_code for b in batch} <= {200, 429}
-                limited = sum(b.status_code == 429 for b in batch)
-                if limited:
-                    break
-            assert limited, "the auditor was never rate limited"
-            # Last, so the denied panel (the 20 newest) still holds it.
-            r = await live.query("analyst", f"SELECT salary AS {mark} FROM employees")
-            assert r.status_code == 403, r.text
-
+            assert ready["event"] == "ready", ready
+            await act(ready)
             assert proc.stdin is not None
             proc.stdin.write(b"go\n")
             await proc.stdin.drain()
@@ -120,12 +100,51 @@ async def test_dashboard_in_chromium_follows_live_traffic_and_filters_the_audit_
             if proc.returncode is None:
                 proc.kill()
                 await proc.wait()
-
-    # Login as the page documents it: the key stays in session storage and out of every URL.
-    assert done["loginDocumented"] and done["keyInStorage"] and done["keyFieldCleared"]
+    # Whatever the scenario: the key stays out of every URL, the page stays on its origin, and
+    # no script error or CSP violation happened.
     assert done["keyInUrls"] == 0
     assert done["foreignRequests"] == []
-    assert done["errors"] == [], done["errors"]  # no script error, no CSP violation
+    assert done["errors"] == [], done["errors"]
+    return done
+
+
+async def test_dashboard_in_chromium_follows_live_traffic_and_filters_the_audit_tail(
+    live: LiveProxy, browser_env: dict[str, str]
+) -> None:
+    mark = f"m_{secrets.token_hex(4)}"
+    shots = _shots_dir()
+    env = {
+        **browser_env,
+        "SQLPROXY_SCENARIO": "operator",
+        "SQLPROXY_URL": live.base_url,
+        "SQLPROXY_KEY": live.keys["admin"],
+        "SQLPROXY_MARK": mark,
+    }
+
+    async def traffic(ready: dict[str, Any]) -> None:
+        """The traffic the page must show while it is open."""
+        for _ in range(3):
+            r = await live.query("developer", f"SELECT id AS {mark} FROM orders LIMIT 1")
+            assert r.status_code == 200, r.text
+        # The auditor's budget is 20/s with a burst of 50: spend it until a request is refused.
+        limited = 0
+        for _ in range(40):
+            batch = await asyncio.gather(
+                *(live.query("auditor", "SELECT total FROM orders LIMIT 1") for _ in range(10))
+            )
+            assert {b.status_code for b in batch} <= {200, 429}
+            limited = sum(b.status_code == 429 for b in batch)
+            if limited:
+                break
+        assert limited, "the auditor was never rate limited"
+        # Last, so the denied panel (the 20 newest) still holds it.
+        r = await live.query("analyst", f"SELECT salary AS {mark} FROM employees")
+        assert r.status_code == 403, r.text
+
+    done = await run_page(env, shots, traffic)
+
+    # Login as the page documents it: the key stays in session storage, the field is emptied.
+    assert done["loginDocumented"] and done["keyInStorage"] and done["keyFieldCleared"]
     # Live numbers moved with the traffic.
     assert done["total1"] >= done["total0"] + 5
     assert done["metricsUpdates"] >= 1
@@ -149,3 +168,33 @@ async def test_dashboard_in_chromium_follows_live_traffic_and_filters_the_audit_
     for name in ("dashboard.png", "dashboard-filtered.png"):
         png = (shots / name).read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+async def test_dashboard_refuses_a_bad_key_and_scopes_a_plain_user_to_their_own_records(
+    live: LiveProxy, browser_env: dict[str, str]
+) -> None:
+    mark = f"m_{secrets.token_hex(4)}"
+    env = {
+        **browser_env,
+        "SQLPROXY_SCENARIO": "scoped",
+        "SQLPROXY_URL": live.base_url,
+        "SQLPROXY_KEY": live.keys["developer"],
+        "SQLPROXY_MARK": mark,
+    }
+
+    async def traffic(ready: dict[str, Any]) -> None:
+        # Someone else's first, the page's user's last (see the scenario).
+        r = await live.query("analyst", f"SELECT id AS {mark} FROM customers LIMIT 1")
+        assert r.status_code == 200, r.text
+        r = await live.query("developer", f"SELECT id AS {mark} FROM orders LIMIT 1")
+        assert r.status_code == 200, r.text
+
+    done = await run_page(env, _shots_dir(), traffic)
+    assert "refused" in done["wrongKeyError"]
+    assert done["wrongKeyLoginShown"] and done["wrongKeyForgotten"]
+    assert done["who"].startswith("developer @") and "audit: own" in done["who"]
+    assert done["metricsShown"] is False and done["metricsNotice"] is True
+    assert done["userFilter"] == {"value": "developer", "disabled": True}
+    assert done["users"] == ["developer"]
+    assert done["marked"] == ["developer"]
+    assert done["loggedOutForgotten"] and done["loggedOutStatus"] == "disconnected"

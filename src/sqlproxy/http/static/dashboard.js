@@ -172,6 +172,13 @@
     $("metrics").hidden = !metrics;
     $("metrics-off").hidden = metrics;
     if (metrics) send({ type: "subscribe", channel: "metrics", id: "metrics", interval_ms: 1000 });
+    // Without audit_all the server only ever sends this user's records: say so in the filter.
+    const own = f.audit_scope !== "all";
+    const userField = $("f-user");
+    userField.disabled = own;
+    if (own) userField.value = f.user;
+    else if (userField.dataset.own) userField.value = "";
+    userField.dataset.own = own ? "1" : "";
     subscribeAudit();
   }
 
@@ -416,7 +423,7 @@
       subscribeAudit();
     });
     $("clear-filters").addEventListener("click", () => {
-      for (const id of ["f-user", "f-decision", "f-table", "f-kind"]) $(id).value = "";
+      for (const id of ["f-user", "f-decision", "f-table", "f-kind"]) if (!$(id).disabled) $(id).value = "";
       subscribeAudit();
     });
     connect();
