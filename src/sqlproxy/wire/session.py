@@ -123,6 +123,15 @@ def _resolve(fut: asyncio.Future[None]) -> None:
         fut.set_result(None)
 
 
+def _nul(payload: bytes, start: int = 0) -> int:
+    """Where the C string at ``start`` ends. A missing terminator is the client's protocol
+    violation (08P01, as the server reports it), not an internal error of the proxy."""
+    i = payload.find(0, start)
+    if i < 0:
+        raise ProtocolViolation("invalid string in message")
+    return i
+
+
 def _frame(t: bytes, body: bytes) -> bytes:
     return t + _U32.pack(len(body) + 4) + body
 
@@ -307,9 +316,11 @@ class WireSession(asyncio.Protocol, PumpOwner):
                 # Mid-query: stop the server's work, then drop the connection (never reuse it).
                 self.server.spawn(self.server.cancel_backend(self.pool.target, be.pid, be.secret))
                 self.pool.discard(be)
-            elif self.status != "I" or self.pinned:
-                if self.status != "I":
-                    self.pool.discard(be)  # the server rolls the transaction back
+            elif self.status != "I" or self._batch_open or self.pinned:
+                if self.status != "I" or self._batch_open:
+                    # The server rolls the transaction back: also the implicit one of an
+                    # extended-protocol batch that never got its Sync.
+                    self.pool.discard(be)
                 else:
                     self.pool.release(be, reset=True)
             else:
@@ -358,6 +369,8 @@ class WireSession(asyncio.Protocol, PumpOwner):
             raise Fatal("28000", "no PostgreSQL user name specified in startup packet")
         if msg.get("replication") not in (None, "false", "0", "off", "no"):
             raise Fatal("0A000", "replication connections are not supported by the proxy")
+        if self.server.stopping:
+            raise Fatal("57P03", "the database system is shutting down")
         if not self.server.admit(self):
             raise Fatal("53300", "sorry, too many clients already")
         await self._authenticate(user)
@@ -807,8 +820,8 @@ class WireSession(asyncio.Protocol, PumpOwner):
         return p
 
     async def _parse(self, be: BackendConnection, payload: bytes) -> None:
-        i = payload.index(0)
-        j = payload.index(0, i + 1)
+        i = _nul(payload)
+        j = _nul(payload, i + 1)
         name = payload[:i]
         try:
             p = await self._lookup(payload[i + 1 : j], payload[j + 1 :])
@@ -879,8 +892,8 @@ class WireSession(asyncio.Protocol, PumpOwner):
         return p
 
     def _bind(self, be: BackendConnection, payload: bytes) -> None:
-        i = payload.index(0)
-        j = payload.index(0, i + 1)
+        i = _nul(payload)
+        j = _nul(payload, i + 1)
         sname = payload[i + 1 : j]
         p = self._statement(sname)
         if p is None:
@@ -909,7 +922,7 @@ class WireSession(asyncio.Protocol, PumpOwner):
     def _execute(self, be: BackendConnection, payload: bytes) -> None:
         pump = be.pump
         assert pump is not None
-        portal = payload[: payload.index(0)]
+        portal = payload[: _nul(payload)]
         p = self.portals.get(portal)
         req: Request | None = None
         if p is not None and p.analysis is not None:
