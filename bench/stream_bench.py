@@ -27,6 +27,7 @@ import asyncio
 import json
 import multiprocessing as mp
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -382,6 +383,7 @@ async def main_async(args: argparse.Namespace) -> int:
     finally:
         if pg is not None:
             pg.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
     with open("/proc/loadavg") as f:  # noqa: ASYNC230 - once, after the runs
         load_after = f.read().split()[:3]
 
