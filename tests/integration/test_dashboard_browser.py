@@ -98,8 +98,14 @@ async def run_page(
             assert await asyncio.wait_for(proc.wait(), STEP_TIMEOUT_S) == 0
         finally:
             if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
+                # SIGTERM first: playwright closes the browser it launched on it; SIGKILL would
+                # leave Chromium behind.
+                proc.terminate()
+                try:
+                    await asyncio.wait_for(proc.wait(), 20)
+                except TimeoutError:
+                    proc.kill()
+                    await proc.wait()
     # Whatever the scenario: the key stays out of every URL, the page stays on its origin, and
     # no script error or CSP violation happened.
     assert done["keyInUrls"] == 0
