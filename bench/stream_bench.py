@@ -8,7 +8,8 @@
     and also sampled from VmRSS) is the server's own and belongs to that run alone: with
     100k and 1M rows the peaks show whether memory grows with the row count.
 (b) Audit latency: ``--subscribers`` WebSocket clients (spread over ``--workers`` processes so
-    the clients are not the bottleneck) subscribe to the audit channel; the bench sends
+    the clients are not the bottleneck; 1 and 100 by default, the first as the baseline without
+    fan-out) subscribe to the audit channel; the bench sends
     ``--events`` queries at ``--rate`` per second; each subscriber notes, for every record,
     receipt time minus the record's ``ts`` (taken when the request finished, right after its
     statement). Prints p50, p99 and max over all deliveries.
@@ -302,7 +303,8 @@ def _subscriber_worker(
 async def audit_run(
     tmp: Path, dsn: str, subscribers: int, workers: int, events: int, rate: float
 ) -> tuple[list[float], float]:
-    server = await start_server(tmp, dsn, "audit", "[stream]\nmax_connections = 2000\n")
+    server = await start_server(tmp, dsn, f"audit-{subscribers}", "[stream]\nmax_connections = 2000\n")
+    workers = max(1, min(workers, subscribers))
     ctx = mp.get_context("spawn")
     ready, results = ctx.Queue(), ctx.Queue()
     procs = []
@@ -377,9 +379,11 @@ async def main_async(args: argparse.Namespace) -> int:
         if not args.skip_rows:
             for n in args.rows:
                 rows_results.append(await rows_run(tmp, dsn, n, args.batch_rows, args.window))
-        audit = None
+        audits: list[tuple[int, list[float], float]] = []
         if not args.skip_audit:
-            audit = await audit_run(tmp, dsn, args.subscribers, args.workers, args.events, args.rate)
+            for n in args.subscribers:
+                lat, secs = await audit_run(tmp, dsn, n, args.workers, args.events, args.rate)
+                audits.append((n, lat, secs))
     finally:
         if pg is not None:
             pg.stop()
@@ -413,12 +417,11 @@ async def main_async(args: argparse.Namespace) -> int:
                 f"{mib(hi_peak - hi.rss_before_kib)} MiB for {hi.rows} rows "
                 f"({hi.rows / lo.rows:.0f}x the rows)"
             )
-    if audit is not None:
-        lat, secs = audit
+    for n, lat, secs in audits:
         print(
-            f"\n(b) audit channel: {args.subscribers} subscribers in {args.workers} processes, "
+            f"\n(b) audit channel: {n} subscriber(s) in {min(args.workers, n)} process(es), "
             f"{args.events} requests at {args.rate:g}/s (sent in {secs:.1f} s), {len(lat)} deliveries "
-            f"(expected {args.subscribers * args.events})"
+            f"(expected {n * args.events})"
         )
         print(
             f"latency from the record's ts (request end) to receipt: p50 {pct(lat, 50):.2f} ms, "
@@ -433,7 +436,9 @@ def main() -> None:
     ap.add_argument("--rows", type=int, nargs="+", default=[100_000, 1_000_000])
     ap.add_argument("--batch-rows", type=int, default=5000)
     ap.add_argument("--window", type=int, default=4, help="batches of credit in flight")
-    ap.add_argument("--subscribers", type=int, default=100)
+    ap.add_argument(
+        "--subscribers", type=int, nargs="+", default=[1, 100], help="one run per count (1: the baseline)"
+    )
     ap.add_argument("--workers", type=int, default=2, help="processes holding the subscribers")
     ap.add_argument("--events", type=int, default=300)
     ap.add_argument("--rate", type=float, default=25.0, help="audited requests per second")
