@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import ssl
 import struct
+import uuid
 
 from sqlproxy.protocol.errors import ProtocolViolation
 from sqlproxy.protocol.framing import BackendDecoder
@@ -26,7 +27,6 @@ from sqlproxy.protocol.messages import (
 )
 from sqlproxy.protocol.scram import ScramClient
 from sqlproxy.wire.session import WireSession
-from tests.fix_wire import WireHarness
 
 # Bounds that only turn a hang into a failure; nothing waits for them to pass.
 HANG_S = 60.0
@@ -150,15 +150,36 @@ def fatal(msgs: list[BackendMessage]) -> ErrorResponse:
     return errs[0]
 
 
-def session_on_port(h: WireHarness, port: int) -> WireSession:
-    """The proxy's session for the client whose local port is ``port``."""
-    for s in h.server.sessions:
-        if s.source_port == port:
-            return s
-    raise AssertionError(f"no session for client port {port}")
-
-
 async def session_ended(s: WireSession) -> None:
     """Wait until the session's task has run its cleanup (the event that proves it)."""
     assert s.task is not None
     await asyncio.wait_for(asyncio.shield(s.task), HANG_S)
+
+
+# Server-side helpers. The demo policy treats pg_sleep as dangerous (it is), so the long
+# statements call it from inside a function in a schema of the test's own: the proxy decides
+# the call of robust.hold, which admin may run. hold() takes an advisory lock for its
+# transaction first and then says so with a NOTICE carrying the server pid; wait() says so
+# first and then waits for a lock the test holds.
+ROBUST_SQL = """
+CREATE SCHEMA IF NOT EXISTS robust;
+CREATE TABLE IF NOT EXISTS robust.t (tag text NOT NULL, n int NOT NULL);
+CREATE OR REPLACE FUNCTION robust.hold(k bigint, secs float8) RETURNS int LANGUAGE plpgsql AS $$
+BEGIN
+  PERFORM pg_advisory_xact_lock(k);
+  RAISE NOTICE 'running %', pg_backend_pid();
+  PERFORM pg_sleep(secs);
+  RETURN pg_backend_pid();
+END $$;
+CREATE OR REPLACE FUNCTION robust.wait(k bigint) RETURNS int LANGUAGE plpgsql AS $$
+BEGIN
+  RAISE NOTICE 'waiting %', pg_backend_pid();
+  PERFORM pg_advisory_xact_lock(k);
+  RETURN pg_backend_pid();
+END $$;
+"""
+
+
+def lock_key() -> int:
+    """A fresh advisory lock key, so tests never wait on each other's locks."""
+    return uuid.uuid4().int % (2**62)

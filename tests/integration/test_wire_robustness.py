@@ -34,43 +34,26 @@ from sqlproxy.protocol.messages import (
 )
 from tests.fix_proxy import ProxyHarness
 from tests.fix_wire import WireHarness
-from tests.raw_wire import HANG_S, RawClient, errors, fatal, frame, query, session_ended
+from tests.raw_wire import (
+    HANG_S,
+    ROBUST_SQL,
+    RawClient,
+    errors,
+    fatal,
+    frame,
+    lock_key,
+    query,
+    session_ended,
+)
 
 WireFactory = Callable[..., Awaitable[WireHarness]]
-
-# Server-side helpers. The demo policy treats pg_sleep as dangerous (it is), so the long
-# statements call it from inside a function in a schema of the test's own: the proxy decides
-# the call of robust.hold, which admin may run. hold() takes an advisory lock for its
-# transaction first and then says so with a NOTICE carrying the server pid; wait() says so
-# first and then waits for a lock the test holds.
-_SETUP = """
-CREATE SCHEMA IF NOT EXISTS robust;
-CREATE TABLE IF NOT EXISTS robust.t (tag text NOT NULL, n int NOT NULL);
-CREATE OR REPLACE FUNCTION robust.hold(k bigint, secs float8) RETURNS int LANGUAGE plpgsql AS $$
-BEGIN
-  PERFORM pg_advisory_xact_lock(k);
-  RAISE NOTICE 'running %', pg_backend_pid();
-  PERFORM pg_sleep(secs);
-  RETURN pg_backend_pid();
-END $$;
-CREATE OR REPLACE FUNCTION robust.wait(k bigint) RETURNS int LANGUAGE plpgsql AS $$
-BEGIN
-  RAISE NOTICE 'waiting %', pg_backend_pid();
-  PERFORM pg_advisory_xact_lock(k);
-  RETURN pg_backend_pid();
-END $$;
-"""
 
 
 @pytest.fixture(scope="module")
 def robust_db(demo_dsn: str) -> Iterator[str]:
     with psycopg.connect(demo_dsn, autocommit=True) as conn:
-        conn.execute(_SETUP)
+        conn.execute(ROBUST_SQL)
     yield demo_dsn
-
-
-def _lock_key() -> int:
-    return uuid.uuid4().int % (2**62)
 
 
 async def _direct(dsn: str) -> psycopg.AsyncConnection[Any]:
@@ -295,7 +278,7 @@ async def test_disconnect_mid_query_cancels_and_drops_the_server_connection(
     wire_factory: WireFactory, robust_db: str
 ) -> None:
     h = await wire_factory(pool_mode="transaction", server_pool_size=1)
-    key = _lock_key()
+    key = lock_key()
     raw = await _login(h)
     raw.send(query(f"SELECT robust.hold({key}, 3600)"))
     server_pid = await _server_pid_from_notice(raw)  # the statement runs upstream now
@@ -328,7 +311,7 @@ async def test_disconnect_mid_extended_query_cancels(wire_factory: WireFactory, 
     """The same with the extended protocol (psycopg with parameters), the client's task
     waiting for client bytes rather than for the server."""
     h = await wire_factory(pool_mode="transaction", server_pool_size=1)
-    key = _lock_key()
+    key = lock_key()
     raw = await _login(h)
     sql = b"SELECT robust.hold($1, 3600)\0"
     raw.send(
@@ -352,7 +335,7 @@ async def test_disconnect_mid_transaction_rolls_back_and_is_not_reused(
     wire_factory: WireFactory, robust_db: str
 ) -> None:
     h = await wire_factory(pool_mode="transaction", server_pool_size=1)
-    tag, key = uuid.uuid4().hex, _lock_key()
+    tag, key = uuid.uuid4().hex, lock_key()
     raw = await _login(h)
     raw.send(
         query(
@@ -414,7 +397,7 @@ async def test_session_state_is_reset_before_the_next_client(
     advisory lock behind and disconnects; the one server connection goes to the next client
     clean."""
     h = await wire_factory(pool_mode=mode, server_pool_size=1)
-    key = _lock_key()
+    key = lock_key()
     async with await psycopg.AsyncConnection.connect(h.dsn("admin"), autocommit=True) as conn:
         await conn.execute("CREATE TEMP TABLE leftover (a int)")
         await conn.execute("PREPARE leftover_stmt AS SELECT 1")
@@ -448,7 +431,7 @@ async def test_psycopg_cancel_interrupts_its_own_query(wire: WireHarness, robust
     running = asyncio.Event()
     async with await psycopg.AsyncConnection.connect(wire.dsn("admin"), autocommit=True) as conn:
         conn.add_notice_handler(lambda _d: running.set())
-        task = asyncio.create_task(conn.execute(f"SELECT robust.hold({_lock_key()}, 3600)"))
+        task = asyncio.create_task(conn.execute(f"SELECT robust.hold({lock_key()}, 3600)"))
         await asyncio.wait_for(running.wait(), HANG_S)
         await asyncio.wait_for(conn.cancel_safe(), HANG_S)
         with pytest.raises(psycopg.errors.QueryCanceled) as ei:
@@ -465,7 +448,7 @@ async def test_asyncpg_cancel_interrupts_its_own_query(wire: WireHarness) -> Non
     conn = await asyncpg.connect(wire.url("admin"))
     try:
         conn.add_log_listener(lambda *_a: running.set())
-        task = asyncio.create_task(conn.fetchval(f"SELECT robust.hold({_lock_key()}, 3600)"))
+        task = asyncio.create_task(conn.fetchval(f"SELECT robust.hold({lock_key()}, 3600)"))
         await asyncio.wait_for(running.wait(), HANG_S)
         task.cancel()  # asyncpg sends a CancelRequest and waits for the server's answer
         with pytest.raises(asyncio.CancelledError):
@@ -476,7 +459,7 @@ async def test_asyncpg_cancel_interrupts_its_own_query(wire: WireHarness) -> Non
 
 
 async def test_cancel_with_wrong_secret_or_pid_does_nothing(wire: WireHarness, robust_db: str) -> None:
-    key = _lock_key()
+    key = lock_key()
     async with await _direct(robust_db) as d:
         await d.execute("BEGIN")
         await d.execute("SELECT pg_advisory_xact_lock(%s)", (key,))
@@ -500,7 +483,7 @@ async def test_cancel_with_wrong_secret_or_pid_does_nothing(wire: WireHarness, r
     assert not errors(msgs), msgs
     assert DataRow((str(server_pid).encode(),)) in msgs
     # The right key does cancel (same connection, a statement that would wait an hour).
-    raw.send(query(f"SELECT robust.hold({_lock_key()}, 3600)"))
+    raw.send(query(f"SELECT robust.hold({lock_key()}, 3600)"))
     await _server_pid_from_notice(raw)
     c = await RawClient.open(wire.port)
     c.send(CancelRequest(pid, secret).encode())
@@ -657,7 +640,7 @@ async def test_idle_session_timeout(wire_factory: WireFactory) -> None:
 
 async def test_idle_in_transaction_timeout(wire_factory: WireFactory, robust_db: str) -> None:
     h = await wire_factory(idle_in_transaction_timeout_s=0.3)
-    tag, key = uuid.uuid4().hex, _lock_key()
+    tag, key = uuid.uuid4().hex, lock_key()
     raw = await _login(h)
     raw.send(query(f"BEGIN; INSERT INTO robust.t VALUES ('{tag}', 1); SELECT pg_advisory_xact_lock({key})"))
     msgs = await raw.until_ready()
@@ -682,7 +665,7 @@ async def test_idle_timeout_does_not_fire_while_a_query_runs(
     h = await wire_factory(idle_timeout_s=0.05)
     raw = await RawClient.open(h.port)
     msgs = await raw.login(
-        "admin", h.passwords["admin"], pipeline=query(f"SELECT robust.hold({_lock_key()}, 0.5)")
+        "admin", h.passwords["admin"], pipeline=query(f"SELECT robust.hold({lock_key()}, 0.5)")
     )
     assert isinstance(msgs[-1], ReadyForQuery), msgs
     msgs = await raw.until_ready()

@@ -417,7 +417,11 @@ class WireSession(asyncio.Protocol, PumpOwner):
     async def _start_tls(self, ctx: ssl.SSLContext) -> None:
         assert self.transport is not None
         loop = asyncio.get_running_loop()
-        new = await loop.start_tls(self.transport, self, ctx, server_side=True)
+        try:
+            new = await loop.start_tls(self.transport, self, ctx, server_side=True)
+        except OSError as e:  # ssl.SSLError, ConnectionResetError: the client's failure
+            log.info("TLS handshake with %s failed: %s", self.source_ip, e)
+            raise ClientGone from None
         if new is None:
             raise ClientGone
         self.transport = new

@@ -1,0 +1,253 @@
+"""TLS on the wire door, with a throwaway CA and server certificate made here by the openssl
+command: psycopg with sslmode=require / verify-full, require_tls, GSSENCRequest, cancel over
+TLS, and the hostile cases of the negotiation (unencrypted bytes after SSLRequest, a broken
+handshake, direct TLS)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import struct
+import subprocess
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from sqlproxy.protocol.messages import CancelRequest, ReadyForQuery, StartupMessage
+from tests.fix_wire import WireHarness
+from tests.raw_wire import HANG_S, ROBUST_SQL, RawClient, errors, fatal, lock_key, query, session_ended
+
+WireFactory = Callable[..., Awaitable[WireHarness]]
+
+_SSL_REQUEST = struct.pack("!II", 8, 80877103)
+_GSSENC_REQUEST = struct.pack("!II", 8, 80877104)
+
+
+@dataclass(frozen=True)
+class Pki:
+    ca: Path
+    other_ca: Path
+    cert: Path
+    key: Path
+
+
+def _openssl(cwd: Path, *args: str) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    d = tmp_path_factory.mktemp("wire-tls")
+    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+    for name in ("ca", "other-ca"):
+        _openssl(
+            d,
+            "req", "-x509", *ec, "-keyout", f"{name}.key", "-out", f"{name}.crt", "-days", "2",
+            "-subj", f"/CN=sqlproxy test {name}",
+            "-addext", "basicConstraints=critical,CA:TRUE",
+            "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+        )  # fmt: skip
+    _openssl(d, "req", *ec, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost")
+    (d / "server.ext").write_text(
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\n"
+        "basicConstraints=critical,CA:FALSE\n"
+        "keyUsage=critical,digitalSignature\n"
+        "extendedKeyUsage=serverAuth\n"
+    )
+    _openssl(
+        d,
+        "x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+        "-CAcreateserial", "-out", "server.crt", "-days", "2", "-extfile", "server.ext",
+    )  # fmt: skip
+    return Pki(ca=d / "ca.crt", other_ca=d / "other-ca.crt", cert=d / "server.crt", key=d / "server.key")
+
+
+async def _tls_wire(wire_factory: WireFactory, pki: Pki, **overrides: Any) -> WireHarness:
+    return await wire_factory(tls_cert=str(pki.cert), tls_key=str(pki.key), **overrides)
+
+
+async def _connect(dsn: str) -> psycopg.AsyncConnection[Any]:
+    return await asyncio.wait_for(psycopg.AsyncConnection.connect(dsn, autocommit=True), HANG_S)
+
+
+async def _check_encrypted(h: WireHarness, conn: psycopg.AsyncConnection[Any]) -> None:
+    assert conn.pgconn.ssl_in_use
+    # The proxy's side agrees: this client's session runs over TLS.
+    session = h.server._by_pid[conn.info.backend_pid]
+    assert session.tls
+    assert session.transport is not None
+    tls = session.transport.get_extra_info("ssl_object")
+    assert isinstance(tls, ssl.SSLObject)
+    assert tls.version() in ("TLSv1.2", "TLSv1.3")
+    cur = await conn.execute("SELECT id, email FROM customers ORDER BY id LIMIT 1")
+    row = await cur.fetchone()
+    assert row is not None and "***" in row[1]  # the pipeline still masks for the analyst
+
+
+async def test_sslmode_require_is_encrypted(wire_factory: WireFactory, pki: Pki) -> None:
+    h = await _tls_wire(wire_factory, pki)
+    async with await _connect(h.dsn("analyst", sslmode="require")) as conn:
+        await _check_encrypted(h, conn)
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
+async def test_sslmode_verify_full(wire_factory: WireFactory, pki: Pki, host: str) -> None:
+    h = await _tls_wire(wire_factory, pki)
+    dsn = h.dsn("analyst", sslmode="verify-full", sslrootcert=str(pki.ca), host=host, hostaddr="127.0.0.1")
+    async with await _connect(dsn) as conn:
+        await _check_encrypted(h, conn)
+
+
+@pytest.mark.parametrize(
+    ("extra", "reason"),
+    [
+        ({"sslrootcert": "OTHER"}, "certificate verify failed"),
+        ({"host": "sqlproxy.invalid"}, "does not match host name"),
+    ],
+)
+async def test_verify_full_refuses_the_wrong_server(
+    wire_factory: WireFactory, pki: Pki, extra: dict[str, str], reason: str
+) -> None:
+    """The negative control for verify-full: the client really checks what the proxy shows."""
+    h = await _tls_wire(wire_factory, pki)
+    params = {"sslrootcert": str(pki.ca), "host": "127.0.0.1", "hostaddr": "127.0.0.1", **extra}
+    if params["sslrootcert"] == "OTHER":
+        params["sslrootcert"] = str(pki.other_ca)
+    with pytest.raises(psycopg.OperationalError, match=reason):
+        await _connect(h.dsn("analyst", sslmode="verify-full", **params))
+
+
+async def test_require_tls_refuses_plaintext_with_a_clear_fatal(wire_factory: WireFactory, pki: Pki) -> None:
+    h = await _tls_wire(wire_factory, pki, require_tls=True)
+    with pytest.raises(psycopg.OperationalError, match="accepts only TLS"):
+        await _connect(h.dsn("analyst", sslmode="disable"))
+    raw = await RawClient.open(h.port)
+    raw.send(StartupMessage.build({"user": "analyst", "database": "demo"}).encode())
+    err = fatal(await raw.until_eof())
+    assert err.sqlstate == "28000"
+    assert "sslmode=require" in (err.message or "")
+    await raw.close()
+    # TLS clients are welcome, whether they insist on it or merely prefer it.
+    for mode in ("require", "prefer"):
+        async with await _connect(h.dsn("analyst", sslmode=mode)) as conn:
+            await _check_encrypted(h, conn)
+
+
+async def test_plaintext_listener_answers_ssl_request_no(wire: WireHarness) -> None:
+    with pytest.raises(psycopg.OperationalError, match="does not support SSL"):
+        await _connect(wire.dsn("analyst", sslmode="require"))
+    async with await _connect(wire.dsn("analyst", sslmode="prefer")) as conn:
+        assert not conn.pgconn.ssl_in_use
+        cur = await conn.execute("SELECT 1")
+        assert await cur.fetchone() == (1,)
+
+
+async def test_gssenc_request_is_answered_no(wire: WireHarness, wire_factory: WireFactory, pki: Pki) -> None:
+    # Plain listener: GSS 'N', then SSL 'N', then an ordinary login.
+    raw = await RawClient.open(wire.port)
+    raw.send(_GSSENC_REQUEST)
+    assert await raw.read_byte() == b"N"
+    raw.send(_SSL_REQUEST)
+    assert await raw.read_byte() == b"N"
+    msgs = await raw.login("analyst", wire.passwords["analyst"])
+    assert isinstance(msgs[-1], ReadyForQuery), msgs
+    raw.send(query("SELECT 1"))
+    assert not errors(await raw.until_ready())
+    await raw.close()
+    # TLS listener: GSS 'N', then SSL 'S', then a login inside TLS.
+    h = await _tls_wire(wire_factory, pki, require_tls=True)
+    raw = await RawClient.open(h.port)
+    raw.send(_GSSENC_REQUEST)
+    assert await raw.read_byte() == b"N"
+    raw.send(_SSL_REQUEST)
+    assert await raw.read_byte() == b"S"
+    ctx = ssl.create_default_context(cafile=str(pki.ca))
+    await raw.start_tls(ctx, server_hostname="localhost")
+    msgs = await raw.login("analyst", h.passwords["analyst"])
+    assert isinstance(msgs[-1], ReadyForQuery), msgs
+    await raw.close()
+    # libpq with gssencmode=prefer (it asks only when it has Kerberos credentials).
+    for harness, mode in ((wire, "disable"), (h, "require")):
+        async with await _connect(harness.dsn("analyst", gssencmode="prefer", sslmode=mode)) as conn:
+            cur = await conn.execute("SELECT 1")
+            assert await cur.fetchone() == (1,)
+
+
+async def test_unencrypted_bytes_after_ssl_request_are_refused(wire_factory: WireFactory, pki: Pki) -> None:
+    """CVE-2021-23214: bytes sent together with SSLRequest, before the handshake, could have
+    been injected by a man in the middle; the proxy refuses instead of reading them later as
+    if they had come through TLS."""
+    h = await _tls_wire(wire_factory, pki)
+    raw = await RawClient.open(h.port)
+    raw.send(_SSL_REQUEST + StartupMessage.build({"user": "analyst", "database": "demo"}).encode())
+    err = fatal(await raw.until_eof())
+    assert err.sqlstate == "08P01"
+    assert "unencrypted data after SSL request" in (err.message or "")
+    await raw.close()
+
+
+async def test_broken_tls_handshake(
+    wire_factory: WireFactory, pki: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client that asks for TLS and then sends garbage or vanishes mid-handshake ends only
+    its own connection, quietly; TLS clients around it go on."""
+    h = await _tls_wire(wire_factory, pki)
+    async with await _connect(h.dsn("analyst", sslmode="require")) as bystander:
+        for garbage in (b"\x00" * 64, b"GET / HTTP/1.1\r\n\r\n", b""):
+            raw = await RawClient.open(h.port)
+            raw.send(_SSL_REQUEST)
+            assert await raw.read_byte() == b"S"
+            with caplog.at_level(logging.ERROR, logger="sqlproxy.wire"):
+                if garbage:
+                    raw.send(garbage)
+                else:
+                    raw.writer.write_eof()
+                rest = await asyncio.wait_for(raw.reader.read(), HANG_S)
+            await raw.close()
+            # Nothing a TLS client could read: the proxy answers in TLS or not at all.
+            assert not rest.startswith(b"E"), rest
+            cur = await bystander.execute("SELECT 1")
+            assert await cur.fetchone() == (1,)
+        assert not [r for r in caplog.records if r.name.startswith("sqlproxy.wire")], caplog.records
+        session = h.server._by_pid[bystander.info.backend_pid]
+    await session_ended(session)
+    assert h.server.active == 0
+    assert not h.server.sessions
+
+
+async def test_direct_tls_is_refused(wire_factory: WireFactory, pki: Pki) -> None:
+    """libpq 17's sslnegotiation=direct starts with a TLS ClientHello instead of SSLRequest.
+    The proxy does not offer it: the client gets a refusal, not a hang."""
+    h = await _tls_wire(wire_factory, pki)
+    with pytest.raises(psycopg.OperationalError):
+        await _connect(h.dsn("analyst", sslmode="require", sslnegotiation="direct"))
+    async with await _connect(h.dsn("analyst", sslmode="require")) as conn:
+        await _check_encrypted(h, conn)
+
+
+async def test_cancel_over_tls(wire_factory: WireFactory, pki: Pki, demo_dsn: str) -> None:
+    """libpq sends its CancelRequest on a connection of its own, over TLS too when sslmode
+    asks for it; the proxy routes it to the right session."""
+    with psycopg.connect(demo_dsn, autocommit=True) as c:
+        c.execute(ROBUST_SQL)
+    h = await _tls_wire(wire_factory, pki, require_tls=True)
+    running = asyncio.Event()
+    async with await _connect(h.dsn("admin", sslmode="require")) as conn:
+        conn.add_notice_handler(lambda _d: running.set())
+        task = asyncio.create_task(conn.execute(f"SELECT robust.hold({lock_key()}, 3600)"))
+        await asyncio.wait_for(running.wait(), HANG_S)
+        await asyncio.wait_for(conn.cancel_safe(), HANG_S)
+        with pytest.raises(psycopg.errors.QueryCanceled):
+            await asyncio.wait_for(task, HANG_S)
+        cur = await conn.execute("SELECT 1")
+        assert await cur.fetchone() == (1,)
+    # A CancelRequest for that session over plaintext with a wrong key is ignored quietly.
+    raw = await RawClient.open(h.port)
+    raw.send(CancelRequest(1, b"\0\0\0\0").encode())
+    assert await raw.until_eof() == []
+    await raw.close()
