@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from sqlproxy.protocol.errors import ProtocolViolation
 from sqlproxy.protocol.framing import BackendDecoder, FrontendDecoder
 from sqlproxy.protocol.messages import (
+    FRONTEND_TYPES,
     PROTOCOL_3_0,
     PROTOCOL_3_2,
     AuthenticationCleartextPassword,
@@ -272,3 +273,105 @@ def test_session_state_only_raises_protocol_violation(events) -> None:
         except ProtocolViolation:
             pass
         assert state.pending_ready >= 0
+
+
+# -- the raw paths the wire session reads with ------------------------------------------------
+# WireSession reads client messages with next_raw() (and next_frame() while relaying COPY), not
+# with next(); the properties above exercise next(). These give the raw readers the same random
+# and mutated bytes: only ProtocolViolation escapes, every call that returns consumes bytes, and
+# what comes out is exactly the input, frame by frame, up to the first bad header.
+
+readers = st.lists(st.sampled_from(["raw", "frame", "until"]), min_size=1, max_size=8)
+
+
+def run_raw(dec: FrontendDecoder, chunks: list[bytes], order: list[str]) -> bytes:
+    """Feed ``chunks``, reading with the raw readers in ``order`` (cycled); return the bytes
+    of every frame handed out, re-framed, in order."""
+    out = bytearray()
+    total = sum(len(c) for c in chunks)
+    steps = 0
+    try:
+        for chunk in chunks:
+            dec.feed(chunk)
+            while True:
+                how = order[steps % len(order)]
+                steps += 1
+                assert steps <= 2 * total + 2 * len(chunks) + 2
+                if how == "until":
+                    block = dec.take_frames_until({ord("Q")})
+                    if block:
+                        out += block
+                        continue
+                    how = "frame"
+                if how == "raw":
+                    raw = dec.next_raw()
+                    if raw is None:
+                        break
+                    out += bytes([raw[0]]) + (len(raw[1]) + 4).to_bytes(4, "big") + raw[1]
+                else:
+                    fr = dec.next_frame()
+                    if fr is None:
+                        break
+                    assert fr[1][0] == fr[0]
+                    out += fr[1]
+        dec.feed_eof()
+        assert dec.next_raw() is None
+    except ProtocolViolation:
+        pass
+    return bytes(out)
+
+
+@settings(max_examples=300)
+@given(st.binary(max_size=300), st.lists(st.integers(0, 1000), max_size=4), readers)
+def test_random_bytes_frontend_raw_readers(data: bytes, cuts: list[int], order: list[str]) -> None:
+    out = run_raw(FrontendDecoder(startup=False, max_message_length=1024), splits(data, cuts), order)
+    assert data.startswith(out)
+
+
+@settings(max_examples=300)
+@given(
+    st.lists(frontend_msgs, min_size=1, max_size=6),
+    st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), min_size=1, max_size=4),
+    st.lists(st.integers(0, 1000), max_size=4),
+    readers,
+)
+def test_mutated_frontend_stream_raw_readers(
+    msgs: list[FrontendMessage], flips, cuts: list[int], order: list[str]
+) -> None:
+    wire = bytearray(b"".join(m.encode() for m in msgs))
+    for pos, byte in flips:
+        wire[pos % len(wire)] = byte
+    data = bytes(wire)
+    out = run_raw(FrontendDecoder(startup=False), splits(data, cuts), order)
+    assert data.startswith(out)
+
+
+@given(st.sampled_from(sorted(FRONTEND_TYPES)), st.integers(5, 2**32 - 1), st.integers(5, 1 << 20))
+def test_oversized_length_is_refused_from_the_header_alone(t: int, n: int, limit: int) -> None:
+    """A declared length over the limit is refused as soon as the 5-byte header is in, before
+    any payload: a client cannot make the proxy wait for (or buffer) a 2 GB message."""
+    dec = FrontendDecoder(startup=False, max_message_length=limit)
+    dec.feed(bytes([t]) + n.to_bytes(4, "big"))
+    if n <= min(limit, dec._limits[t]):
+        assert dec.next_raw() is None  # a legal length: wait for the payload
+        return
+    try:
+        dec.next_raw()
+    except ProtocolViolation as e:
+        assert e.sqlstate in ("08P01", "54000")
+    else:
+        raise AssertionError(f"length {n} over limit {limit} for type {t!r} was not refused")
+
+
+@given(st.integers(0, 2**32 - 1), st.binary(max_size=8))
+def test_startup_length_is_checked_before_the_body(n: int, rest: bytes) -> None:
+    dec = FrontendDecoder()
+    dec.feed(n.to_bytes(4, "big") + rest)
+    try:
+        msg = dec.next()
+    except ProtocolViolation:
+        assert not 8 <= n <= dec.max_startup_length or len(rest) >= n - 4
+        return
+    assert 8 <= n <= dec.max_startup_length
+    if len(rest) < n - 4:
+        assert msg is None
