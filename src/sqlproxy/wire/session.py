@@ -555,8 +555,11 @@ class WireSession(asyncio.Protocol, PumpOwner):
         self._release()
 
     def backend_lost(self) -> None:
-        if self.be is not None:
+        be = self.be
+        if be is not None:
             self.be = None
+            if self.pool is not None:
+                self.pool.discard(be)  # the pool counts the connection until told: free its slot
             if self.transport is not None and not self.transport.is_closing():
                 self._write(fatal_response("08006", "server connection lost"))
                 self.transport.close()
