@@ -55,13 +55,29 @@ class Metrics:
         self.upstream_up = Gauge(
             "sqlproxy_upstream_up", "Upstream readiness (1 ready, 0 not)", ["database"], registry=r
         )
+        self._requests: dict[tuple[str, str], Counter] = {}
+        self._latency: dict[str, Histogram] = {}
+        self._stage: dict[str, Histogram] = {}
 
     def observe_request(self, req: Request) -> None:
+        # Runs for every request. prometheus_client's labels() validates and locks on each
+        # call (about half the cost here), so the labelled children are looked up once.
         decision = req.error.decision if req.error is not None else "allow"
-        self.requests.labels(req.door, decision).inc()
-        self.latency.labels(req.door).observe(req.elapsed_ms / 1000.0)
+        key = (req.door, decision)
+        counter = self._requests.get(key)
+        if counter is None:
+            counter = self._requests[key] = self.requests.labels(req.door, decision)
+        counter.inc()
+        latency = self._latency.get(req.door)
+        if latency is None:
+            latency = self._latency[req.door] = self.latency.labels(req.door)
+        latency.observe(req.elapsed_ms / 1000.0)
+        stages = self._stage
         for stage, seconds in req.stage_seconds.items():
-            self.stage.labels(stage).observe(seconds)
+            child = stages.get(stage)
+            if child is None:
+                child = stages[stage] = self.stage.labels(stage)
+            child.observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlproxy.audit.record import GENESIS_HASH, AuditRecord
+from sqlproxy.audit.record import GENESIS_HASH, AuditRecord, canonical_json
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +46,15 @@ def compute_hash(key: bytes, record: AuditRecord) -> str:
 
 def seal(key: bytes, record: AuditRecord, state: ChainState) -> AuditRecord:
     """``record`` appended after ``state``: next seq, linked and hashed."""
-    linked = record.with_chain(state.seq + 1, state.head_hash, "")
-    return linked.with_chain(linked.seq, linked.prev_hash, compute_hash(key, linked))
+    # What compute_hash(key, linked) covers, without building the intermediate record: this
+    # runs once per request, and a record copy costs as much as the HMAC.
+    seq = state.seq + 1
+    body = record.hashed_dict()
+    body["seq"] = seq
+    body["prev_hash"] = state.head_hash
+    mac = hmac.new(key, state.head_hash.encode("ascii"), hashlib.sha256)
+    mac.update(canonical_json(body))
+    return record.with_chain(seq, state.head_hash, mac.hexdigest())
 
 
 class Chain:
