@@ -251,6 +251,15 @@ async def test_messages_postgres_tolerates_are_tolerated(wire: WireHarness) -> N
     msgs = await raw.until_ready()
     (err,) = errors(msgs)
     assert err.severity == "ERROR" and err.sqlstate == "0A000"
+    # Text that is not UTF-8: an ERROR, as from the server, in both protocols.
+    raw.send(frame(b"Q", b"SELECT '\xff\xfe'\0"))
+    (err,) = errors(await raw.until_ready())
+    assert err.severity == "ERROR" and err.sqlstate == "22021"
+    raw.send(frame(b"P", b"\0SELECT '\xc3\x28'\0\0\0") + frame(b"S", b""))
+    msgs = await raw.until_ready()
+    (err,) = errors(msgs)
+    assert err.severity == "ERROR" and err.sqlstate == "22021"
+    assert msgs[-1] == ReadyForQuery("I")
     raw.send(query("SELECT 1"))
     msgs = await raw.until_ready()
     assert DataRow((b"1",)) in msgs and msgs[-1] == ReadyForQuery("I")
@@ -787,6 +796,14 @@ async def test_failed_logins_give_their_client_slot_back(
     for _ in range(2):
         _, err = await _failed_login(h, "analyst", "wrong")
         assert err.sqlstate == "28P01"
+    # One that leaves in the middle of SCRAM.
+    raw = await RawClient.open(h.port)
+    raw.send(StartupMessage.build({"user": "analyst", "database": "demo"}).encode())
+    assert isinstance(await raw.recv(), AuthenticationSASL)
+    assert h.server.active == 1
+    raw.writer.write_eof()
+    assert await raw.until_eof() == []
+    await raw.close()
     assert h.server.active == 0
     async with await psycopg.AsyncConnection.connect(h.dsn("analyst")) as conn:
         cur = await conn.execute("SELECT 1")
@@ -852,3 +869,46 @@ async def test_server_connection_killed_mid_query(wire_factory: WireFactory, rob
     async with await psycopg.AsyncConnection.connect(h.dsn("admin"), autocommit=True) as conn:
         cur = await conn.execute("SELECT 1")
         assert await cur.fetchone() == (1,)
+
+
+@pytest.mark.parametrize("protocol", ["simple", "extended"])
+async def test_client_vanishing_while_it_waits_for_a_server_connection(
+    wire_factory: WireFactory, robust_db: str, protocol: str
+) -> None:
+    """B queues for the only server connection, which A holds in a transaction, and vanishes.
+    When A commits, the connection goes back to the pool and on to the next client clean.
+    Whether B's statement still runs is not fixed (PostgreSQL too runs what it read before
+    the client vanished): today the proxy drops a simple Query but runs an extended batch."""
+    h = await wire_factory(pool_mode="transaction", server_pool_size=1)
+    tag = uuid.uuid4().hex
+    b = await _login(h)  # logging in needs a server connection too: before A takes it
+    a = await _login(h)
+    a.send(query("BEGIN"))
+    assert (await a.until_ready())[-1] == ReadyForQuery("T")
+    sql = f"INSERT INTO robust.t VALUES ('{tag}', 1)"
+    if protocol == "simple":
+        b.send(query(sql))
+    else:
+        b.send(
+            frame(b"P", b"\0" + sql.encode() + b"\0\0\0")
+            + frame(b"B", b"\0\0" + struct.pack("!hhh", 0, 0, 0))
+            + frame(b"E", b"\0\0\0\0\0")
+            + frame(b"S", b"")
+        )
+    assert b.key is not None
+    b_session = h.server._by_pid[b.key.process_id]
+    b.abort()
+    a.send(query("COMMIT"))
+    assert (await a.until_ready())[-1] == ReadyForQuery("I")
+    await session_ended(b_session)
+    a.send(frame(b"X", b""))
+    assert await a.until_eof() == []
+    await a.close()
+    assert h.backends_in_use() == 0
+    async with await psycopg.AsyncConnection.connect(h.dsn("admin"), autocommit=True) as conn:
+        cur = await conn.execute("SELECT count(*) FROM robust.t WHERE tag = %s", (tag,))
+        assert await cur.fetchone() in ((0,), (1,))
+        assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        s = h.server._by_pid[conn.info.backend_pid]
+    await session_ended(s)
+    assert h.backends_in_use() == 0
