@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import ssl
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from sqlproxy.config.loader import ConfigHolder, load_config
 from sqlproxy.demo.launcher import write_demo_config
 from sqlproxy.runtime import Runtime
-from sqlproxy.server import build_app
+from sqlproxy.server import build_app, uvicorn_config
 
 
 @dataclass
@@ -41,14 +42,18 @@ class LiveProxy:
     task: asyncio.Task[None]
     http: httpx.AsyncClient
     state_dir: Path
+    # With TLS: the context that trusts the proxy's certificate (wss:// and https://).
+    client_tls: ssl.SSLContext | None = None
 
     @property
     def ws_url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/api/v1/stream"
+        scheme = "wss" if self.client_tls is not None else "ws"
+        return f"{scheme}://127.0.0.1:{self.port}/api/v1/stream"
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        scheme = "https" if self.client_tls is not None else "http"
+        return f"{scheme}://127.0.0.1:{self.port}"
 
     def auth(self, user: str) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.keys[user]}"}
@@ -59,6 +64,8 @@ class LiveProxy:
     async def ws(self, user: str | None = None, **kw: Any) -> StreamClient:
         headers = self.auth(user) if user is not None else None
         kw.setdefault("max_size", None)
+        if self.client_tls is not None:
+            kw.setdefault("ssl", self.client_tls)
         conn = await connect(self.ws_url, additional_headers=headers, **kw)
         return StreamClient(conn)
 
@@ -69,13 +76,23 @@ class LiveProxy:
 
 
 async def start_live_proxy(
-    state_dir: Path, dsn: str, keys: dict[str, str], extra_toml: str = ""
+    state_dir: Path,
+    dsn: str,
+    keys: dict[str, str],
+    extra_toml: str = "",
+    *,
+    server_toml: str = "",
+    client_tls: ssl.SSLContext | None = None,
 ) -> LiveProxy:
+    """``server_toml`` adds keys to the [server] section (tls_cert / tls_key); ``client_tls``
+    is then the clients' context that trusts the certificate."""
     state_dir.mkdir(parents=True, exist_ok=True)
     cfg_path = write_demo_config(state_dir, dsn, 0, keys)
-    with cfg_path.open("a") as f:
-        # The wire door would take the fixed port 6432; these tests speak HTTP and WebSocket only.
-        f.write("\n[wire]\nenabled = false\n" + extra_toml + "\n")
+    text = cfg_path.read_text()
+    if server_toml:
+        text = text.replace("[server]\n", "[server]\n" + server_toml.rstrip("\n") + "\n", 1)
+    # The wire door would take the fixed port 6432; these tests speak HTTP and WebSocket only.
+    cfg_path.write_text(text + "\n[wire]\nenabled = false\n" + extra_toml + "\n")
     holder = ConfigHolder(load_config(cfg_path), cfg_path)
     app = build_app(holder, env={})
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -83,14 +100,16 @@ async def start_live_proxy(
     sock.bind(("127.0.0.1", 0))
     sock.listen(128)
     port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on", ws="auto")
+    # The same settings `sqlproxy serve` uses (TLS included); the socket is ours.
+    config = uvicorn_config(app, holder, log_level="warning")
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))
-    http = httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60)
+    scheme = "https" if client_tls is not None else "http"
+    http = httpx.AsyncClient(base_url=f"{scheme}://127.0.0.1:{port}", timeout=60, verify=client_tls or True)
     # The first request waits in the backlog until startup is done; after it, the runtime is up.
     r = await http.get("/health")
     assert r.status_code == 200, r.text
-    return LiveProxy(app.state.runtime, port, keys, server, task, http, state_dir)
+    return LiveProxy(app.state.runtime, port, keys, server, task, http, state_dir, client_tls)
 
 
 @dataclass

@@ -53,16 +53,22 @@ def build_app(holder: ConfigHolder, env: Mapping[str, str] | None = None) -> Fas
     return app
 
 
-def serve(holder: ConfigHolder, env: Mapping[str, str] | None = None, log_level: str = "info") -> None:
-    cfg = holder.current
-    app = build_app(holder, env)
-    config = uvicorn.Config(
+def uvicorn_config(app: FastAPI, holder: ConfigHolder, log_level: str = "info") -> uvicorn.Config:
+    """The HTTP door's server settings from the proxy's config (serve() and the tests share it)."""
+    srv = holder.current.server
+    return uvicorn.Config(
         app,
-        host=cfg.server.http_host,
-        port=cfg.server.http_port,
+        host=srv.http_host,
+        port=srv.http_port,
         log_level=log_level,
         loop="uvloop",
         access_log=False,  # the audit log is the access log; uvicorn's would print query strings
         timeout_graceful_shutdown=10,
+        ssl_certfile=srv.tls_cert,
+        ssl_keyfile=srv.tls_key,
     )
-    uvicorn.Server(config).run()
+
+
+def serve(holder: ConfigHolder, env: Mapping[str, str] | None = None, log_level: str = "info") -> None:
+    app = build_app(holder, env)
+    uvicorn.Server(uvicorn_config(app, holder, log_level)).run()

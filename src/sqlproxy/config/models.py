@@ -27,6 +27,15 @@ class ServerConfig(Strict):
     max_sql_bytes: Annotated[int, Field(ge=64)] = 262_144
     # Where the proxy keeps its own state (audit store, chain head) when paths are relative.
     state_dir: str = "var"
+    # HTTPS and wss:// for the HTTP door: PEM certificate chain and key.
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ServerConfig:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        return self
 
 
 class WireConfig(Strict):
