@@ -33,7 +33,9 @@ that does not naturally perform it (a data-modifying CTE inside SELECT, EXPLAIN 
 the statement filter is matched against the access's own kind (``delete`` / ``dml``) instead: a
 rule limited to ``select`` statements never authorizes a write hidden in one. Natural pairs: INSERT
 does insert (and update, for ON CONFLICT DO UPDATE), UPDATE update, DELETE delete, MERGE insert,
-update and delete, COPY insert, TRUNCATE truncate, DDL and GRANT ddl.
+update and delete, COPY insert, TRUNCATE truncate, DDL and GRANT ddl. ``COPY ... TO`` (table or
+query, to the client) is a read: it matches rules for ``copy``, ``select`` or ``read``, its
+natural access is read, and masks and row filters apply to it as to a SELECT.
 
 **Specificity.** The winner is the candidate with the highest key
 ``(column, table, schema, database, principal)`` compared in that order, where each scope level
@@ -353,6 +355,19 @@ def _access_keys(kind: StatementKind, access: Access) -> frozenset[str]:
 
 _ACCESS_KEYS: Final = {(k, a): _access_keys(k, a) for k in StatementKind for a in Access}
 
+# COPY ... TO (a table or a query, out to the client) reads like a SELECT: a rule granting reads
+# to "select" statements covers it, masks and row filters apply to it (by rewrite), and a rule
+# naming "copy" still matches it (so `statements = ["copy"], action = "block"` stops exports).
+_COPY_TO_KEYS: Final = frozenset({StatementKind.COPY.value, StatementKind.SELECT.value, "read"})
+
+
+def _is_copy_to(st: StatementAnalysis) -> bool:
+    return st.kind is StatementKind.COPY and st.copy is not None and st.copy.direction == "to"
+
+
+def _statement_keys(st: StatementAnalysis) -> frozenset[str]:
+    return _COPY_TO_KEYS if _is_copy_to(st) else _KEYS[st.kind]
+
 
 # -- per-principal view -------------------------------------------------------------------------
 
@@ -519,9 +534,9 @@ class PolicyEngine:
         used: dict[str, None],
         masks: dict[ColumnSource, MaskKind],
     ) -> None:
-        keys = _KEYS[st.kind]
+        keys = _statement_keys(st)
         wildcard_ok = st.kind is not StatementKind.OTHER
-        kind_access = _KIND_ACCESS.get(st.kind)
+        kind_access = Access.READ.value if _is_copy_to(st) else _KIND_ACCESS.get(st.kind)
 
         for marker in sorted(st.dangers):
             self._danger(view, database, marker, st, used)
@@ -575,7 +590,7 @@ class PolicyEngine:
     def _function(
         self, view: _View, database: str, fn: str, st: StatementAnalysis, used: dict[str, None]
     ) -> None:
-        keys = _KEYS[st.kind]
+        keys = _statement_keys(st)
         schema, bare = split_function(fn)
         dangerous = is_dangerous_function(fn)
         qualified = None if schema is None else f"{schema}.{bare}"
@@ -617,7 +632,7 @@ class PolicyEngine:
         masks: dict[ColumnSource, MaskKind],
     ) -> None:
         access = ra.access
-        keys = _ACCESS_KEYS[(st.kind, access)]
+        keys = _COPY_TO_KEYS if _is_copy_to(st) else _ACCESS_KEYS[(st.kind, access)]
         wildcard_ok = st.kind is not StatementKind.OTHER
         is_read = access is Access.READ
         table_best: _Rule | None = None

@@ -16,15 +16,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import struct
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
 from sqlproxy.execute.upstream import StatementResult
 from sqlproxy.pipeline.errors import UpstreamError
+from sqlproxy.protocol.errors import error_response
 
 if TYPE_CHECKING:
     from sqlproxy.pipeline.request import Request
+    from sqlproxy.sql.model import CopyInfo
     from sqlproxy.wire.backend import BackendConnection
 
 log = logging.getLogger(__name__)
@@ -65,8 +69,10 @@ _ONE: Final = 0x31
 _TWO: Final = 0x32
 _THREE: Final = 0x33
 
-# take_frames_until stops at anything but DataRow: row floods go through as one block.
+# take_frames_until stops at anything but DataRow (or CopyData): row floods go through as one block.
 _NOT_DATAROW: Final = frozenset(range(256)) - {_D}
+_NOT_COPYDATA: Final = frozenset(range(256)) - {_d}
+_U32 = struct.Struct("!I")
 _ASYNC: Final = frozenset({_N, _A, _S})
 _ROW_TAGS: Final = frozenset({"INSERT", "UPDATE", "DELETE", "MERGE", "SELECT", "COPY", "MOVE", "FETCH"})
 
@@ -86,11 +92,79 @@ def error_fields(payload: bytes) -> dict[str, str]:
     return out
 
 
+def copydata_payload(block: bytes) -> int:
+    """Payload bytes of a run of whole CopyData messages (their 5-byte headers left out)."""
+    n = 0
+    pos = 0
+    size = len(block)
+    unpack = _U32.unpack_from
+    while pos < size:
+        (length,) = unpack(block, pos + 1)
+        n += length - 4
+        pos += 1 + length
+    return n
+
+
+class CopyStats:
+    """One COPY on the wire, for its audit record: direction, bytes of data, rows (from the
+    ``COPY n`` tag), how long the data flowed, and how it failed if it did."""
+
+    __slots__ = ("bytes", "client_fail", "direction", "ended", "error", "format", "rows", "started")
+
+    def __init__(self, direction: str, fmt: int) -> None:
+        self.direction = direction  # "in" (client to server) or "out"
+        self.format = "binary" if fmt else "text"  # the overall format byte of 'G' / 'H'
+        self.bytes = 0
+        self.rows: int | None = None
+        self.started = time.perf_counter()
+        self.ended: float | None = None
+        self.error: dict[str, str] | None = None
+        self.client_fail: str | None = None  # the client's CopyFail message
+
+    def finish(self, tag: str | None = None, error: dict[str, str] | None = None) -> None:
+        if self.ended is None:
+            self.ended = time.perf_counter()
+        if tag is not None:
+            self.rows = row_count(tag)
+        if error is not None and self.error is None:
+            self.error = error
+
+    def record(self, info: CopyInfo | None) -> dict[str, object]:
+        """The audit record's ``extra["copy"]``; ``info`` is the analysed statement's COPY."""
+        end = self.ended if self.ended is not None else time.perf_counter()
+        out: dict[str, object] = {
+            "direction": self.direction,
+            # text and csv are both format 0 on the wire: the statement says which.
+            "format": info.format if info is not None else self.format,
+            "table": info.table.qualified if info is not None and info.table is not None else None,
+            "columns": list(info.columns) if info is not None else [],
+            "query": info is not None and info.table is None,
+            "rows": self.rows,
+            "bytes": self.bytes,
+            "duration_ms": round((end - self.started) * 1000, 3),
+        }
+        if self.error is not None:
+            out["error"] = self.error
+        if self.client_fail is not None:
+            out["client_fail"] = self.client_fail
+        return out
+
+
 class SimpleCall:
     """One Query in flight: command tags as they complete, the error if any, and a future that
     resolves at ReadyForQuery (or earlier, to let the session relay COPY FROM STDIN data)."""
 
-    __slots__ = ("copy_in", "error", "event", "finished", "last_tag", "results", "status")
+    __slots__ = (
+        "copies",
+        "copy_in",
+        "copying",
+        "error",
+        "event",
+        "finished",
+        "last_tag",
+        "results",
+        "status",
+    )
 
     def __init__(self, results: list[StatementResult], loop: asyncio.AbstractEventLoop) -> None:
         self.results = results
@@ -98,6 +172,9 @@ class SimpleCall:
         self.status = "I"
         self.finished = False
         self.copy_in = False
+        # Every COPY of this Query in order, and the one whose data is flowing now.
+        self.copies: list[CopyStats] = []
+        self.copying: CopyStats | None = None
         self.last_tag = ""
         self.event: asyncio.Future[None] = loop.create_future()
 
@@ -137,6 +214,12 @@ class PumpOwner:
     def statement_failed(self, exp: Exp) -> None: ...
 
     def execute_done(self, req: Request) -> None: ...
+
+    def copy_in_started(self, stats: CopyStats) -> None:
+        """The server entered COPY FROM STDIN for an extended-protocol Execute."""
+
+    def copy_in_ended(self) -> None:
+        """The server left COPY FROM STDIN (CommandComplete or ErrorResponse)."""
 
 
 class ResponsePump:
@@ -201,9 +284,18 @@ class ResponsePump:
                     queue.popleft()
                     continue
                 if kind in (SIMPLE, EXECUTE):
-                    block = dec.take_frames_until(_NOT_DATAROW)
-                    if block:
-                        out.append(block)
+                    data = exp.data
+                    cs = data.copying if isinstance(data, SimpleCall) else data
+                    if isinstance(cs, CopyStats) and cs.direction == "out":
+                        # COPY TO STDOUT: runs of CopyData go through as one block, counted.
+                        block = dec.take_frames_until(_NOT_COPYDATA)
+                        if block:
+                            cs.bytes += copydata_payload(block)
+                            out.append(block)
+                    else:
+                        block = dec.take_frames_until(_NOT_DATAROW)
+                        if block:
+                            out.append(block)
             else:
                 kind = -1
                 exp = None
@@ -249,17 +341,29 @@ class ResponsePump:
                 if not queue:
                     ready = status
                 continue
+            if t == _W and kind in (SIMPLE, EXECUTE):
+                self._refuse_copy_both(out)
+                return
             if kind == SIMPLE:
                 out.append(f)
+                call = exp.data  # type: ignore[assignment]
                 if t == _C:
                     tag = f[5:-1].decode("utf-8", "replace")
-                    call = exp.data  # type: ignore[assignment]
                     call.last_tag = tag
                     call.results.append(StatementResult(command=tag, row_count=row_count(tag)))
+                    if call.copying is not None:
+                        call.copying.finish(tag)
+                        call.copying = None
                 elif t == _G:
-                    call = exp.data  # type: ignore[assignment]
+                    call.copying = CopyStats("in", f[5])
+                    call.copies.append(call.copying)
                     call.copy_in = True
                     call.wake()
+                elif t == _H:
+                    call.copying = CopyStats("out", f[5])
+                    call.copies.append(call.copying)
+                elif t == _d and call.copying is not None:
+                    call.copying.bytes += len(f) - 5
                 continue
             if kind in (HIDDEN, FAIL_SIMPLE):
                 continue  # swallowed: the proxy's own statements
@@ -268,14 +372,38 @@ class ResponsePump:
                 if t in (_C, _I):
                     queue.popleft()
                     req = exp.req
+                    cs = exp.data
+                    done_tag = f[5:-1].decode("utf-8", "replace") if t == _C else None
+                    if isinstance(cs, CopyStats):
+                        cs.finish(done_tag)
+                        if owner is not None and cs.direction == "in":
+                            owner.copy_in_ended()
                     if req is not None and owner is not None:
-                        if t == _C:
-                            tag = f[5:-1].decode("utf-8", "replace")
-                            req.results.append(StatementResult(command=tag, row_count=row_count(tag)))
+                        if done_tag is not None:
+                            req.results.append(
+                                StatementResult(command=done_tag, row_count=row_count(done_tag))
+                            )
+                        if isinstance(cs, CopyStats):
+                            req.extra["copy"] = cs.record(_copy_info(req))
                         owner.execute_done(req)
                 elif t == _s:
                     queue.popleft()  # the portal stays open; its request continues on the next Execute
-                elif t not in (_H, _d, _c, _T):
+                elif t == _G:
+                    cs = CopyStats("in", f[5])
+                    exp.data = cs
+                    # Everything the session sent after this Execute reaches the server in
+                    # copy-in mode, where Sync is ignored (libpq sends one right after Execute
+                    # and another after CopyDone): those Syncs get no reply.
+                    for later in [e for e in queue if e.kind == SYNC]:
+                        queue.remove(later)
+                    if owner is not None:
+                        owner.copy_in_started(cs)
+                elif t == _H:
+                    exp.data = CopyStats("out", f[5])
+                elif t == _d:
+                    if isinstance(exp.data, CopyStats):
+                        exp.data.bytes += len(f) - 5
+                elif t not in (_c, _T):
                     raise RuntimeError(f"unexpected {chr(t)!r} during Execute")
                 continue
             if kind == PARSE:
@@ -316,6 +444,19 @@ class ResponsePump:
             # Also when the replies owed ran out without a ReadyForQuery (after a Flush).
             owner.backend_ready(self.status if ready is None else ready)
 
+    def _refuse_copy_both(self, out: list[bytes]) -> None:
+        """CopyBothResponse (streaming replication): the proxy cannot inspect or audit a
+        two-way stream, so it refuses it; the server connection is in a mode the proxy cannot
+        take back, so it is closed (never reused)."""
+        out.append(
+            error_response("0A000", "COPY BOTH (streaming replication) is not supported through sqlproxy")
+        )
+        owner = self.owner
+        if owner is not None and owner.client_transport is not None:
+            owner.client_transport.write(b"".join(out))
+        self.be.close()
+        self.on_lost()
+
     def _error(self, exp: Exp, frame: bytes, out: list[bytes]) -> None:
         kind = exp.kind
         if kind == SIMPLE:
@@ -323,6 +464,9 @@ class ResponsePump:
             call: SimpleCall = exp.data  # type: ignore[assignment]
             fields = error_fields(frame[5:])
             call.error = UpstreamError(fields.get("M", "error"), sqlstate=fields.get("C", "XX000"))
+            if call.copying is not None:
+                call.copying.finish(error=_error_summary(fields))
+                call.copying = None
             return
         if kind == HIDDEN:
             fields = error_fields(frame[5:])
@@ -335,9 +479,16 @@ class ResponsePump:
         if kind != FAIL_PARSE:
             out.append(frame)
         owner = self.owner
+        cs = exp.data if kind == EXECUTE and isinstance(exp.data, CopyStats) else None
+        if cs is not None:
+            cs.finish(error=_error_summary(error_fields(frame[5:])))
+            if cs.direction == "in" and owner is not None:
+                owner.copy_in_ended()
         if kind == EXECUTE and exp.req is not None and owner is not None:
             fields = error_fields(frame[5:])
             exp.req.error = UpstreamError(fields.get("M", "error"), sqlstate=fields.get("C", "XX000"))
+            if cs is not None:
+                exp.req.extra["copy"] = cs.record(_copy_info(exp.req))
             owner.execute_done(exp.req)
         queue = self.queue
         queue.popleft()
@@ -349,6 +500,17 @@ class ResponsePump:
                 owner.statement_failed(skipped)
         if not queue:
             self.skipping = True
+
+
+def _error_summary(fields: dict[str, str]) -> dict[str, str]:
+    return {"sqlstate": fields.get("C", "XX000"), "message": fields.get("M", "error")}
+
+
+def _copy_info(req: Request) -> CopyInfo | None:
+    a = req.analysis
+    if a is None or not a.statements:
+        return None
+    return a.statements[0].copy
 
 
 ReadyCallback = Callable[[Exp], None]

@@ -20,6 +20,7 @@ import logging
 import secrets
 import ssl
 import struct
+from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
 from sqlproxy.auth.users import Identity, _source_lock_key, _user_lock_key, parse_source_ip
@@ -70,6 +71,7 @@ from sqlproxy.wire.pump import (
     SIMPLE,
     SYNC,
     SYNTH,
+    CopyStats,
     Exp,
     PumpOwner,
     SimpleCall,
@@ -121,6 +123,10 @@ class ForwardedError(UpstreamError):
 def _resolve(fut: asyncio.Future[None]) -> None:
     if not fut.done():
         fut.set_result(None)
+
+
+def _copy_over(call: SimpleCall, stats: CopyStats) -> Callable[[], bool]:
+    return lambda: call.finished or call.copying is not stats
 
 
 def _nul(payload: bytes, start: int = 0) -> int:
@@ -176,6 +182,10 @@ class WireSession(asyncio.Protocol, PumpOwner):
         # made a portal (which lives on this server connection until that Sync).
         self._batch_open = False
         self._batch_portal = False
+        # COPY FROM STDIN: relaying the client's data (simple protocol), and the extended-
+        # protocol COPY the server has entered (set by the pump, relayed by the message loop).
+        self._copy_relay = False
+        self._copy_ext: CopyStats | None = None
 
     # -- asyncio.Protocol ------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -523,6 +533,8 @@ class WireSession(asyncio.Protocol, PumpOwner):
     # PumpOwner callbacks (called from the server connection's data_received).
     def backend_ready(self, status: str) -> None:
         self.status = status
+        if self._copy_relay:
+            self.wake()  # the server ended a COPY FROM STDIN: stop relaying the client's data
         # Only while the session waits for its client: in the middle of a message (a Parse
         # being decided, say) the session still holds and uses this connection.
         if self._reading:
@@ -590,6 +602,9 @@ class WireSession(asyncio.Protocol, PumpOwner):
     async def _serve(self) -> None:
         dec = self.dec
         while True:
+            if self._copy_ext is not None:
+                await self._relay_extended_copy(self._copy_ext)
+                continue
             raw = dec.next_raw()
             if raw is None:
                 if self._audits:
@@ -679,34 +694,80 @@ class WireSession(asyncio.Protocol, PumpOwner):
         assert sql is not None
         body = sql.encode("utf-8")
         be.write(b"Q" + _U32.pack(len(body) + 5) + body + b"\0")
-        while True:
-            await call.event
-            if call.finished:
-                break
-            call.event = asyncio.get_running_loop().create_future()
-            if call.copy_in:
-                call.copy_in = False
-                await self._relay_copy_in(be)
+        try:
+            while True:
+                await call.event
                 if call.finished:
                     break
+                call.event = asyncio.get_running_loop().create_future()
+                if call.copy_in:
+                    call.copy_in = False
+                    stats = call.copies[-1]
+                    # The server may end the COPY on its own (a constraint violation midway):
+                    # then the relay stops, and the client's remaining data is ignored as the
+                    # server itself would ignore it.
+                    await self._relay_copy_in(be, stats, _copy_over(call, stats))
+                    if call.finished:
+                        break
+        finally:
+            if call.copies:
+                self._audit_copies(req, call)
         self.status = call.status
         if call.error is not None:
             raise ForwardedError(call.error.message, sqlstate=call.error.sqlstate)
 
-    async def _relay_copy_in(self, be: BackendConnection) -> None:
-        """COPY FROM STDIN: pass the client's data through until CopyDone or CopyFail."""
+    @staticmethod
+    def _audit_copies(req: Request, call: SimpleCall) -> None:
+        infos = [st.copy for st in req.analysis.statements] if req.analysis is not None else []
+        copies = [c for c in infos if c is not None and c.target == "stdio"]
+        records = [cs.record(copies[i] if i < len(copies) else None) for i, cs in enumerate(call.copies)]
+        req.extra["copy"] = records[0] if len(records) == 1 else records
+
+    async def _relay_copy_in(self, be: BackendConnection, stats: CopyStats, done: Callable[[], bool]) -> None:
+        """COPY FROM STDIN: pass the client's data through until CopyDone or CopyFail, or
+        until the server ends the COPY itself (``done``). The server ignores Sync and Flush in
+        copy-in mode; they are passed on as they come."""
         dec = self.dec
-        while True:
-            frame = dec.next_frame()
-            if frame is None:
-                await self._more()
-                continue
-            t, f = frame
-            be.write(f)
-            if t in (_COPY_DONE, _COPY_FAIL):
-                return
-            if t not in (_COPY_DATA, _S, _H):
-                raise ProtocolViolation(f"unexpected message type {chr(t)!r} during COPY from stdin")
+        self._copy_relay = True
+        try:
+            while not done():
+                frame = dec.next_frame()
+                if frame is None:
+                    await self._more()
+                    continue
+                t, f = frame
+                be.write(f)
+                if t == _COPY_DATA:
+                    stats.bytes += len(f) - 5
+                    continue
+                if t == _COPY_DONE:
+                    return
+                if t == _COPY_FAIL:
+                    stats.client_fail = f[5:-1].decode("utf-8", "replace")
+                    return
+                if t not in (_S, _H):
+                    raise ProtocolViolation(f"unexpected message type {chr(t)!r} during COPY from stdin")
+        finally:
+            self._copy_relay = False
+
+    async def _relay_extended_copy(self, stats: CopyStats) -> None:
+        """COPY FROM STDIN started by an Execute: relay the client's data until it ends."""
+        be = self.be
+        if be is not None:
+            self._flush()
+            await self._relay_copy_in(be, stats, lambda: self._copy_ext is not stats)
+        if self._copy_ext is stats:
+            self._copy_ext = None
+
+    # PumpOwner callbacks for COPY FROM STDIN in the extended protocol.
+    def copy_in_started(self, stats: CopyStats) -> None:
+        self._copy_ext = stats
+        self.wake()
+
+    def copy_in_ended(self) -> None:
+        if self._copy_ext is not None:
+            self._copy_ext = None
+            self.wake()
 
     def _reply(self, data: bytes) -> None:
         be = self.be
