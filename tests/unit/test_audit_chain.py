@@ -267,3 +267,31 @@ def test_compute_hash_depends_on_every_field() -> None:
         {"duration_ms": 1.25},
     ):
         assert compute_hash(KEY, replace(r, **change)) != r.hash, change
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {},
+        {"sql": "SELECT 'é \u2028 \"q\" \\\\ \x01'", "user": None, "database": None, "rows": None},
+        {"extra": {"b": {"z": 1, "a": [1.5, None, True, -0.0]}, "a": "ü"}, "rows": 10**30},
+        {"classifications": {"email": ["PII.Email"], "a": []}, "duration_ms": 1e20},
+        {"relations": [], "columns": [], "roles": [], "reason": "r", "error": "e", "sqlstate": "42501"},
+    ],
+)
+def test_sealed_encoding_is_the_canonical_json(change: dict[str, object]) -> None:
+    # seal() builds the hashed bytes and the JSONL line from each field's JSON text once; they
+    # must be exactly what json.dumps(sort_keys=True) makes of the record.
+    chain = Chain(KEY)
+    chain.append(rec(0))
+    sealed = chain.append(rec(1, **change))
+    dumps = json.dumps(
+        sealed.to_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    )
+    assert sealed.to_json() == dumps
+    assert compute_hash(KEY, sealed) == sealed.hash
+    assert AuditRecord.from_json(sealed.to_json()) == sealed
+    fresh = replace(sealed)  # a copy carries no cached encoding, and encodes the same
+    assert fresh.to_json() == dumps and fresh.field_json() == sealed.field_json()
+    changed = replace(sealed, sql="SELECT 'other'")
+    assert '"sql":"SELECT \'other\'"' in changed.to_json()

@@ -320,3 +320,33 @@ async def test_secrets_never_reach_the_store(tmp_path: Path) -> None:
     finally:
         await store.close()
     assert last is not None and last.extra == {"copy": {"direction": "in", "bytes": 10}}
+
+
+async def test_enqueued_records_are_sealed_in_order_by_the_drain(tmp_path: Path) -> None:
+    w = make_writer(tmp_path)
+    await w.start()
+    for i in range(20):
+        await w.enqueue(rec(i))
+    sealed = await w.submit(rec(20))  # seals everything queued before it first
+    assert sealed.seq == 21
+    for i in range(21, 40):
+        await w.enqueue(rec(i))
+    await w.close()
+    await full_check(tmp_path, 40)
+
+
+async def test_a_record_json_cannot_encode_is_kept_escaped(tmp_path: Path) -> None:
+    # A lone surrogate (possible in text decoded from a JSON request body) cannot be UTF-8
+    # encoded for the hash; the record is kept with it escaped, and the writer goes on.
+    w = make_writer(tmp_path)
+    await w.start()
+    await w.enqueue(rec(1, sql="SELECT '\ud800'"))
+    await w.enqueue(rec(2))
+    await w.close()
+    await full_check(tmp_path, 2)
+    store = SqliteStore(paths(tmp_path)[0])
+    try:
+        got = await store.get_after(0)
+    finally:
+        await store.close()
+    assert [r.sql for r in got] == ["SELECT '\\ud800'", "SELECT 2"]

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlproxy.audit.record import GENESIS_HASH, AuditRecord, canonical_json
+from sqlproxy.audit.record import GENESIS_HASH, AuditRecord, attach_json, encode_linked
 
 log = logging.getLogger(__name__)
 
@@ -45,16 +45,17 @@ def compute_hash(key: bytes, record: AuditRecord) -> str:
 
 
 def seal(key: bytes, record: AuditRecord, state: ChainState) -> AuditRecord:
-    """``record`` appended after ``state``: next seq, linked and hashed."""
-    # What compute_hash(key, linked) covers, without building the intermediate record: this
-    # runs once per request, and a record copy costs as much as the HMAC.
+    """``record`` appended after ``state``: next seq, linked and hashed. The sealed record keeps
+    the JSON text that was hashed, so the sinks write it without serializing the record again."""
+    # What compute_hash(key, linked) covers, built from each field's JSON text once: the
+    # canonical bytes are json.dumps(sort_keys=True) of the linked record without its hash.
     seq = state.seq + 1
-    body = record.hashed_dict()
-    body["seq"] = seq
-    body["prev_hash"] = state.head_hash
+    vals, head, tail = encode_linked(record, seq, state.head_hash)
     mac = hmac.new(key, state.head_hash.encode("ascii"), hashlib.sha256)
-    mac.update(canonical_json(body))
-    return record.with_chain(seq, state.head_hash, mac.hexdigest())
+    mac.update(("{" + head + "," + tail + "}").encode("utf-8"))
+    sealed = record.with_chain(seq, state.head_hash, mac.hexdigest())
+    attach_json(sealed, vals, head, tail)
+    return sealed
 
 
 class Chain:

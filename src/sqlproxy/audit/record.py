@@ -12,8 +12,10 @@ bytes hashed are exactly the bytes any store reads back.
 from __future__ import annotations
 
 import json
+import json.encoder
 import logging
 import math
+import operator
 import re
 import uuid
 from dataclasses import dataclass, field, fields
@@ -50,6 +52,23 @@ def drop_secrets(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [drop_secrets(v) for v in value]
     return value
+
+
+def _escape_text(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, dict):
+        return {_escape_text(k): _escape_text(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_escape_text(v) for v in value]
+    return value
+
+
+def escaped_record(record: AuditRecord) -> AuditRecord:
+    """``record`` with text UTF-8 cannot hold (lone surrogates) backslash-escaped, so it can be
+    encoded and hashed."""
+    data = {name: _escape_text(getattr(record, name)) for name in _FIELD_NAMES}
+    return AuditRecord(**data)
 
 
 def utc_now_iso() -> str:
@@ -112,10 +131,35 @@ def _json_roundtrip(value: Any) -> Any:
     return json.loads(json.dumps(value, ensure_ascii=False, allow_nan=False, default=str))
 
 
+# One encoder, built once: json.dumps with these arguments builds a new JSONEncoder per call.
+_ENCODE = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
+# The C string encoder json uses with ensure_ascii=False: the same text dumps makes of a str.
+_ENCODE_STR = json.encoder.encode_basestring
+
+
 def canonical_json(data: dict[str, Any]) -> bytes:
-    return json.dumps(
-        data, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-    ).encode("utf-8")
+    return _ENCODE(data).encode("utf-8")
+
+
+def json_value(v: Any) -> str:
+    """``json.dumps(v, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+    allow_nan=False)``, with the common scalars and empty containers done without the encoder."""
+    t = type(v)
+    if t is str:
+        return _ENCODE_STR(v)
+    if v is None:
+        return "null"
+    if t is bool:
+        return "true" if v else "false"
+    if t is int:
+        return int.__repr__(v)
+    if t is float and math.isfinite(v):
+        return float.__repr__(v)
+    if t is list and not v:
+        return "[]"
+    if t is dict and not v:
+        return "{}"
+    return _ENCODE(v)
 
 
 @dataclass(frozen=True, slots=True, eq=True)
@@ -144,6 +188,10 @@ class AuditRecord:
     seq: int = 0
     prev_hash: str = ""
     hash: str = ""
+    # Not part of the record: the JSON text of each field, set by ``seal`` from the same text it
+    # hashes, so the sinks write what was hashed without serializing the record again. Never
+    # copied by ``dataclasses.replace`` (a changed record is encoded afresh), not compared.
+    _json: RecordJson | None = field(default=None, init=False, repr=False, compare=False)
 
     # A frozen dataclass with list fields would get a __hash__ that raises; say so up front.
     __hash__ = None  # type: ignore[assignment]
@@ -222,7 +270,15 @@ class AuditRecord:
         object.__setattr__(new, "seq", seq)
         object.__setattr__(new, "prev_hash", prev_hash)
         object.__setattr__(new, "hash", hash)
+        object.__setattr__(new, "_json", None)
         return new
+
+    def field_json(self) -> dict[str, str]:
+        """The JSON text of each field (``json_value``), as ``to_json`` writes it."""
+        enc = self._json
+        if enc is not None:
+            return enc.fields
+        return {name: json_value(getattr(self, name)) for name in _FIELD_NAMES}
 
     def to_dict(self) -> dict[str, Any]:
         # Shallow: the nested values were normalised to plain JSON data in __post_init__ and a
@@ -239,15 +295,17 @@ class AuditRecord:
         return canonical_json(self.hashed_dict())
 
     def to_json(self) -> str:
-        return json.dumps(
-            self.to_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-        )
+        """The record as one JSON object with sorted keys and no spaces (the JSONL line)."""
+        enc = self._json
+        if enc is not None:
+            return enc.line
+        return _ENCODE(self.to_dict())
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AuditRecord:
         """Strict: a missing or unknown key is an error, since an added key would otherwise
         ride along unhashed."""
-        names = {f.name for f in fields(cls)}
+        names = set(_FIELD_NAMES)
         keys = set(data)
         if keys != names:
             missing, unknown = sorted(names - keys), sorted(keys - names)
@@ -298,7 +356,45 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
 }
 
 
-_FIELD_NAMES = tuple(f.name for f in fields(AuditRecord))
+_FIELD_NAMES = tuple(f.name for f in fields(AuditRecord) if f.name != "_json")
+# Sorted as json.dumps(sort_keys=True) orders them, split around "hash" (not hashed).
+_SORTED = sorted(_FIELD_NAMES)
+_BEFORE_HASH = tuple(n for n in _SORTED if n < "hash")
+_AFTER_HASH = tuple(n for n in _SORTED if n > "hash")
+_KEY = {n: _ENCODE_STR(n) + ":" for n in _FIELD_NAMES}
+# The fields encode_linked takes from the record (seq and prev_hash come from the chain).
+_LINKED_NAMES = tuple(n for n in _FIELD_NAMES if n not in ("seq", "prev_hash", "hash"))
+_get_linked = operator.attrgetter(*_LINKED_NAMES)
+
+
+@dataclass(frozen=True, slots=True)
+class RecordJson:
+    """A sealed record's JSON: each field's text, and the JSONL line built from them."""
+
+    fields: dict[str, str]
+    line: str
+
+
+def encode_linked(record: AuditRecord, seq: int, prev_hash: str) -> tuple[dict[str, str], str, str]:
+    """``record`` as it will be once linked at ``seq`` after ``prev_hash``: the JSON text of each
+    field but ``hash``, and the JSON object text before and after the ``hash`` member. The
+    canonical bytes the chain hashes are ``"{" + head + "," + tail + "}"``; the JSONL line is the
+    same with the hash member between them (both exactly what ``json.dumps(sort_keys=True)``
+    makes of the record: members in key order, each value encoded alike)."""
+    vals = dict(zip(_LINKED_NAMES, map(json_value, _get_linked(record)), strict=True))
+    vals["seq"] = int.__repr__(seq)
+    vals["prev_hash"] = _ENCODE_STR(prev_hash)
+    head = ",".join([_KEY[n] + vals[n] for n in _BEFORE_HASH])
+    tail = ",".join([_KEY[n] + vals[n] for n in _AFTER_HASH])
+    return vals, head, tail
+
+
+def attach_json(record: AuditRecord, vals: dict[str, str], head: str, tail: str) -> None:
+    """Give a sealed ``record`` the encoding ``encode_linked`` made for it."""
+    h = record.hash
+    vals["hash"] = _ENCODE_STR(h)
+    line = "{" + head + ',"hash":' + vals["hash"] + "," + tail + "}"
+    object.__setattr__(record, "_json", RecordJson(vals, line))
 
 
 @dataclass(frozen=True, slots=True)

@@ -317,13 +317,9 @@ CREATE TABLE IF NOT EXISTS chain_head (
 
 
 def _to_row(r: AuditRecord) -> tuple[Any, ...]:
-    d = r.to_dict()
-    return tuple(
-        json.dumps(d[c], sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-        if c in _JSON_COLUMNS
-        else d[c]
-        for c in _COLUMNS
-    )
+    # The JSON columns hold the same text the chain hashed (kept by seal; encoded here otherwise).
+    texts = r.field_json()
+    return tuple(texts[c] if c in _JSON_COLUMNS else getattr(r, c) for c in _COLUMNS)
 
 
 def _from_row(row: sqlite3.Row) -> AuditRecord:

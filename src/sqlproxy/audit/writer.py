@@ -1,8 +1,10 @@
 """The audit writer: seals records into the chain in submission order and drains them to the
 store and the sinks in the background.
 
-``submit`` is cheap (seal + enqueue) so audit adds little latency, but it is never lossy: when
-``queue_size`` records are accepted and not yet written, ``submit`` waits. A failing sink is
+``enqueue`` is cheap (an append) so audit adds little to a request: the drain task seals the
+records into the chain in queue order, a batch at a time, and writes them. ``submit`` does the
+same and seals at once, for a caller that wants the sealed record back. Neither is lossy: when
+``queue_size`` records are accepted and not yet written, both wait. A failing sink is
 retried with backoff and keeps its records, so a broken disk turns into back-pressure on
 requests rather than unaudited traffic. Records are written to the store first (it is what a
 restart resumes from), then to each sink.
@@ -17,7 +19,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 
 from sqlproxy.audit.chain import Chain, ChainState
-from sqlproxy.audit.record import AuditRecord
+from sqlproxy.audit.record import AuditRecord, escaped_record
 from sqlproxy.audit.sinks import AuditStore, CatchUpSink, Sink
 
 log = logging.getLogger(__name__)
@@ -47,8 +49,13 @@ class AuditWriter:
         self._retry_initial_s = retry_initial_s
         self._retry_max_s = retry_max_s
         self._chain: Chain | None = None
+        # Accepted and not yet sealed (in queue order), then sealed and not yet taken by the drain.
+        self._unsealed: deque[AuditRecord] = deque()
         self._pending: deque[AuditRecord] = deque()
         self._inflight = 0
+        # Set when there is work for the drain task (cheaper than waking it through _cond on
+        # every record: set() on a set event is a no-op).
+        self._work = asyncio.Event()
         self._written_seq = 0
         self._cond = asyncio.Condition()
         self._task: asyncio.Task[None] | None = None
@@ -63,13 +70,14 @@ class AuditWriter:
     @property
     def queue_depth(self) -> int:
         """Records accepted and not yet written everywhere."""
-        return len(self._pending) + self._inflight
+        return len(self._unsealed) + len(self._pending) + self._inflight
 
     @property
     def head(self) -> ChainState:
-        """The chain head as sealed (may be ahead of what is written)."""
+        """The chain head as sealed (may be ahead of what is written); seals what is queued."""
         if self._chain is None:
             raise RuntimeError("audit writer not started")
+        self._seal_queued()
         return self._chain.state
 
     @property
@@ -141,7 +149,7 @@ class AuditWriter:
         """Wait until every record submitted before this call is written everywhere."""
         if self._chain is None:
             return
-        target = self._chain.state.seq
+        target = self._chain.state.seq + len(self._unsealed)
         async with self._cond:
             await self._cond.wait_for(lambda: self._written_seq >= target)
 
@@ -154,6 +162,7 @@ class AuditWriter:
             async with self._cond:
                 self._closing = True
                 self._cond.notify_all()
+            self._work.set()
             await self._task
         self._closed = True
         for s in [self.store, *self.sinks]:
@@ -163,22 +172,45 @@ class AuditWriter:
                 log.exception("audit: closing %r failed", s)
 
     # -- submitting
-    async def submit(self, record: AuditRecord) -> AuditRecord:
-        """Seal ``record`` as the next in the chain and queue it; return the sealed record.
+    async def enqueue(self, record: AuditRecord) -> None:
+        """Queue ``record`` to be sealed as the next in the chain and written.
 
-        Waits while the queue is full. Sealing and enqueueing happen with no await between
-        them, so seq order is queue order and a cancelled wait leaves no hole in the chain.
+        Waits while the queue is full. The check and the append have no await between them, so
+        queue order is seq order and a cancelled wait leaves no hole in the chain.
         """
         if self._chain is None or self._closing:
             raise RuntimeError("audit writer is not running")
-        async with self._cond:
-            await self._cond.wait_for(lambda: self.queue_depth < self.queue_size or self._closing)
-            if self._closing:
-                raise RuntimeError("audit writer is closing")
-            sealed = self._chain.append(record)
-            self._pending.append(sealed)
-            self._cond.notify_all()
-        return sealed
+        if self.queue_depth >= self.queue_size:
+            async with self._cond:
+                await self._cond.wait_for(lambda: self.queue_depth < self.queue_size or self._closing)
+                if self._closing:
+                    raise RuntimeError("audit writer is closing")
+        self._unsealed.append(record)
+        self._work.set()
+
+    async def submit(self, record: AuditRecord) -> AuditRecord:
+        """Like ``enqueue``, and seal ``record`` (with everything queued before it) at once;
+        return the sealed record."""
+        await self.enqueue(record)
+        self._seal_queued()
+        return self._pending[-1]
+
+    def _seal_queued(self, limit: int | None = None) -> None:
+        """Seal queued records in order (at most ``limit`` of them)."""
+        chain = self._chain
+        assert chain is not None
+        unsealed, pending = self._unsealed, self._pending
+        n = len(unsealed) if limit is None else min(limit, len(unsealed))
+        for _ in range(n):
+            record = unsealed.popleft()
+            try:
+                sealed = chain.append(record)
+            except (ValueError, TypeError) as e:
+                # Text the JSON encoding refuses (a lone surrogate from a client): the record is
+                # kept with that text escaped rather than lost, and the drain task lives on.
+                log.error("audit record %s could not be encoded (%s); storing it escaped", record.id, e)
+                sealed = chain.append(escaped_record(record))
+            pending.append(sealed)
 
     # -- listeners
     def add_listener(self, cb: Listener) -> None:
@@ -193,13 +225,16 @@ class AuditWriter:
     # -- draining
     async def _drain(self) -> None:
         while True:
-            async with self._cond:
-                await self._cond.wait_for(lambda: bool(self._pending) or self._closing)
-                if not self._pending:
+            if not (self._pending or self._unsealed):
+                if self._closing:
                     return  # closing and everything written
-                n = min(self.batch_size, len(self._pending))
-                batch = [self._pending.popleft() for _ in range(n)]
-                self._inflight = n
+                self._work.clear()
+                await self._work.wait()
+                continue
+            self._seal_queued(self.batch_size - len(self._pending))
+            n = min(self.batch_size, len(self._pending))
+            batch = [self._pending.popleft() for _ in range(n)]
+            self._inflight = n
             await self._write_with_retry(self.store, batch)
             for sink in self.sinks:
                 await self._write_with_retry(sink, batch)
