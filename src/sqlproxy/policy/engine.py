@@ -447,7 +447,7 @@ def _settle(
     else:
         what = f"{ra.access.value} of column {ra.table.qualified}.{column}"
         hint = (
-            " (SELECT * reads every column: list only the columns you may read)"
+            " (list only the columns you may read; SELECT * reads them all)"
             if ra.access is Access.READ
             else ""
         )
