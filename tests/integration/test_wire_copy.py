@@ -345,8 +345,8 @@ async def test_million_row_load_streams(wire: WireHarness, proxy: ProxyHarness, 
     async with await psycopg.AsyncConnection.connect(wire.dsn("developer"), autocommit=True) as conn:
         cur = conn.cursor()
         async with cur.copy(f"COPY {BULK} TO STDOUT") as cp:
-            async for chunk in cp:
-                received += len(chunk)
+            async for part in cp:
+                received += len(part)
         assert cur.rowcount == n
     assert received == sent
     rec = await _one_copy(proxy, start, "developer")
