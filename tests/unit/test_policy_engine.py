@@ -17,6 +17,7 @@ from sqlproxy.sql.model import (
     Access,
     Analysis,
     ColumnSource,
+    CopyInfo,
     RelationAccess,
     StatementAnalysis,
     StatementKind,
@@ -1014,3 +1015,32 @@ def test_row_filter_non_finite_float_is_a_valid_literal() -> None:
 def test_admin_flag_grants_no_sql() -> None:
     root = Principal("root", frozenset(), admin=True)
     assert not PolicyEngine([ALLOW_ORDERS], []).decide(root, "prod", select(rel(ORDERS))).allowed
+
+
+def _copy(direction: str, *relations: RelationAccess, table: TableName | None = ORDERS) -> Analysis:
+    info = CopyInfo(direction, table, (), "stdio", "text")
+    st = StatementAnalysis(index=0, kind=K.COPY, relations=relations, copy=info)
+    return Analysis((st,), "fp", "norm")
+
+
+def test_copy_to_reads_like_select() -> None:
+    """COPY ... TO is a read: a rule granting reads to SELECT statements covers it, masks apply,
+    and a gate naming "copy" can still stop it."""
+    reader = rule("read-orders", users=["alice"], table="orders", access=["read"], statements=["select"])
+    mask = rule("mask-total", "mask", users=["alice"], table="orders", columns=["total"], mask="redact")
+    eng = PolicyEngine([reader, mask], [])
+    out = eng.decide(ALICE, "prod", _copy("to", rel(ORDERS, A.READ, "id", "total")))
+    assert out.allowed and out.masks == {ColumnSource(ORDERS, "total"): MaskKind.REDACT}
+    # COPY (SELECT 1) TO STDOUT touches no relation: the SELECT gate allows it.
+    gate = rule("select-gate", users=["*"], statements=["select"])
+    assert PolicyEngine([gate], []).decide(ALICE, "prod", _copy("to", table=None)).allowed
+    # Reading is not inserting: the same rule does not allow COPY FROM.
+    into = _copy("from", rel(ORDERS, A.INSERT, "id"))
+    denied = eng.decide(ALICE, "prod", into)
+    assert not denied.allowed and denied.rule == DEFAULT_DENY
+    # A gate that blocks "copy" stops exports whatever the table rules say.
+    no_copy = rule("no-copy", "block", users=["*"], statements=["copy"])
+    blocked = PolicyEngine([reader, no_copy], []).decide(
+        ALICE, "prod", _copy("to", rel(ORDERS, A.READ, "id"))
+    )
+    assert not blocked.allowed and blocked.rule == "no-copy"
