@@ -93,6 +93,15 @@ def process_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def main_thread_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of the process's main thread (the event loop) alone."""
+    try:
+        fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def loadavg() -> str:
     one, five, fifteen = os.getloadavg()
     return f"{one:.2f}, {five:.2f}, {fifteen:.2f}"
@@ -392,6 +401,7 @@ def run_pgbench(
             stderr=subprocess.DEVNULL,
         )
     cpu0 = process_cpu_s(target.pid) if target.pid else 0.0
+    main0 = main_thread_cpu_s(target.pid) if target.pid else 0.0
     proc = subprocess.run(
         argv,
         env=pgenv(target.port, target.database, password),
@@ -401,6 +411,7 @@ def run_pgbench(
         check=False,
     )
     cpu_s = process_cpu_s(target.pid) - cpu0 if target.pid else None
+    main_s = main_thread_cpu_s(target.pid) - main0 if target.pid else 0.0
     if spy is not None:
         try:
             spy.wait(timeout=30)
@@ -430,7 +441,12 @@ def run_pgbench(
     cpu = result.cpu_us_per_txn
     print(
         f"{tag:52} {result.tps:8.0f} tps  lat {result.latency_ms:6.2f} ms  failed {result.failed}  "
-        + (f"proxy CPU {cpu_s / seconds:4.0%} {cpu:5.0f} us/txn  " if cpu is not None and cpu_s else "")
+        + (
+            f"proxy CPU {cpu_s / seconds:4.0%} {cpu:5.0f} us/txn "
+            f"(event loop {main_s * 1e6 / max(1, result.transactions):4.0f})  "
+            if cpu is not None and cpu_s
+            else ""
+        )
         + f"load {load1:.2f}"
         + (f"  ERROR {error}" if error else ""),
         flush=True,

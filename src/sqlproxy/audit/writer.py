@@ -38,6 +38,7 @@ class AuditWriter:
         *,
         retry_initial_s: float = 0.05,
         retry_max_s: float = 5.0,
+        linger_s: float = 0.01,
     ) -> None:
         if queue_size < 1 or batch_size < 1:
             raise ValueError("queue_size and batch_size must be at least 1")
@@ -48,6 +49,10 @@ class AuditWriter:
         self.batch_size = batch_size
         self._retry_initial_s = retry_initial_s
         self._retry_max_s = retry_max_s
+        # How long the drain waits for a small batch to grow before writing it: every batch is
+        # a transaction and an fsync per target, so writing 100 records at once costs a third
+        # of the CPU per record that writing them 10 at a time does.
+        self._linger_s = linger_s
         self._chain: Chain | None = None
         # Accepted and not yet sealed (in queue order), then sealed and not yet taken by the drain.
         self._unsealed: deque[AuditRecord] = deque()
@@ -231,6 +236,8 @@ class AuditWriter:
                 self._work.clear()
                 await self._work.wait()
                 continue
+            if self._linger_s > 0 and not self._closing and self.queue_depth < self.batch_size:
+                await asyncio.sleep(self._linger_s)
             self._seal_queued(self.batch_size - len(self._pending))
             n = min(self.batch_size, len(self._pending))
             batch = [self._pending.popleft() for _ in range(n)]
