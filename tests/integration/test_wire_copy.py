@@ -377,11 +377,65 @@ async def test_export_backpressure_pauses_the_server(wire: WireHarness, proxy: P
             await _until(paused, "the proxy pauses reading the server while the client does not read")
             assert s.be is not None and s.transport is not None
             # What the proxy holds is bounded by the transports' buffer limits, not by the export.
-            held = s.transport.get_write_buffer_size() + len(s.be.decoder._buf)
+            held = s.transport.get_write_buffer_size() + s.be.decoder.buffered
             assert held < 4 * 1024 * 1024 < n * 200
             async for chunk in it:
                 rows += bytes(chunk).count(b"\n")
         assert rows == n and cur.rowcount == n
+
+
+async def test_load_backpressure_pauses_the_client(
+    wire: WireHarness, proxy: ProxyHarness, demo_dsn: str
+) -> None:
+    """A server that stops consuming a load (a trigger waits on a lock held elsewhere): the
+    proxy stops reading the client instead of buffering the load; released, every row lands."""
+    slow = "order_copy_slow"
+    await _admin(
+        wire, f"DROP TABLE IF EXISTS {slow}; CREATE TABLE {slow} (id int NOT NULL, note text NOT NULL)"
+    )
+    async with await psycopg.AsyncConnection.connect(demo_dsn, autocommit=True) as direct:
+        # Set up directly on the server: the proxy rightly refuses CREATE FUNCTION.
+        await direct.execute(
+            "CREATE OR REPLACE FUNCTION order_copy_wait() RETURNS trigger LANGUAGE plpgsql AS "
+            "$$ BEGIN PERFORM pg_advisory_xact_lock_shared(424242); RETURN NEW; END $$"
+        )
+        await direct.execute(
+            f"CREATE TRIGGER order_copy_wait BEFORE INSERT ON {slow} "
+            "FOR EACH ROW EXECUTE FUNCTION order_copy_wait()"
+        )
+        await direct.execute("SELECT pg_advisory_lock(424242)")
+        n_chunks, per_chunk = 400, 200
+        note = "y" * 1000
+        try:
+            async with await psycopg.AsyncConnection.connect(wire.dsn("developer"), autocommit=True) as conn:
+                cur = conn.cursor()
+                async with cur.copy(f"COPY {slow} (id, note) FROM STDIN") as cp:
+                    pid = conn.info.backend_pid
+                    s = next(x for x in wire.server.sessions if x.key[0] == pid)
+
+                    async def feed() -> None:
+                        for c in range(n_chunks):
+                            base = c * per_chunk
+                            await cp.write("".join(f"{base + i}\t{note}\n" for i in range(per_chunk)))
+
+                    feeder = asyncio.create_task(feed())
+
+                    def paused() -> bool:
+                        t = s.transport
+                        return t is not None and not t.is_reading()
+
+                    await _until(paused, "the proxy stops reading a client whose server does not consume")
+                    assert not feeder.done()  # the client is held back, not finished
+                    be = s.be
+                    assert be is not None and be.transport is not None
+                    held = be.transport.get_write_buffer_size() + s.dec.buffered
+                    assert held < 4 * 1024 * 1024 < n_chunks * per_chunk * 1000
+                    await direct.execute("SELECT pg_advisory_unlock(424242)")
+                    await feeder
+                assert cur.rowcount == n_chunks * per_chunk
+        finally:
+            await direct.execute("SELECT pg_advisory_unlock_all()")
+            await direct.execute(f"DROP TABLE IF EXISTS {slow}; DROP FUNCTION IF EXISTS order_copy_wait()")
 
 
 # -- errors -------------------------------------------------------------------------------------
