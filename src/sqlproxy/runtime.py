@@ -30,11 +30,16 @@ from sqlproxy.pipeline.stages import standard_stages
 from sqlproxy.policy.engine import Decision, PolicyEngine
 from sqlproxy.ratelimit.service import RateLimiter
 from sqlproxy.sql.cache import AnalysisCache
-from sqlproxy.sql.model import TableName
+from sqlproxy.sql.model import Analysis, TableName
 from sqlproxy.sql.rewrite import RelationRewrite
 from sqlproxy.stream.hub import StreamHub
 
 log = logging.getLogger(__name__)
+
+# statement_kinds, relations and columns of an audit record.
+_AuditParts = tuple[list[str], list[dict[str, Any]], list[str]]
+_NO_PARTS: _AuditParts = ([], [], [])
+_AUDIT_PARTS_MAX = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +85,10 @@ class Runtime:
         self.pipeline = Pipeline(self._stages())
         self.stream = StreamHub(self)
         self._retired: list[Upstream] = []
+        # What an audit record takes from an analysis (kinds, relations, output columns), built
+        # once per analysis object: the analysis cache hands the same object to every statement
+        # of one shape. Keyed by id(); each entry holds its analysis, so the id stays its own.
+        self._audit_parts: dict[int, tuple[Analysis, _AuditParts]] = {}
 
     def _stages(self) -> list[Stage]:
         return standard_stages(self)  # type: ignore[return-value]
@@ -192,6 +201,24 @@ class Runtime:
     async def handle(self, req: Request) -> Request:
         return await self.pipeline.run(req)
 
+    def _analysis_audit_parts(self, a: Analysis) -> _AuditParts:
+        # The lists are shared between records: AuditRecord copies what it is given.
+        hit = self._audit_parts.get(id(a))
+        if hit is not None and hit[0] is a:
+            return hit[1]
+        parts: _AuditParts = (
+            [str(k) for k in a.kinds],
+            [
+                {"table": r.table.qualified, "access": str(r.access), "columns": sorted(r.columns)}
+                for r in a.relations
+            ],
+            [o.name for st in a.statements for o in st.outputs],
+        )
+        if len(self._audit_parts) >= _AUDIT_PARTS_MAX:
+            self._audit_parts.clear()
+        self._audit_parts[id(a)] = (a, parts)
+        return parts
+
     async def audit_request(self, req: Request) -> None:
         cfg = self.config.current
         ident = req.identity
@@ -220,6 +247,7 @@ class Runtime:
             extra["dry_run"] = True
         if req.rewritten:
             extra["rewritten"] = True
+        parts = self._analysis_audit_parts(a) if a is not None else _NO_PARTS
         outcome = "allow" if err is None else err.decision
         rule = err.rule if err is not None and err.rule else (decision.rule if decision is not None else None)
         record = AuditRecord.new(
@@ -231,12 +259,9 @@ class Runtime:
             database=req.database,
             sql=sql_text,
             fingerprint=a.fingerprint if a is not None else None,
-            statement_kinds=[str(k) for k in a.kinds] if a is not None else [],
-            relations=[
-                {"table": r.table.qualified, "access": str(r.access), "columns": sorted(r.columns)}
-                for r in (a.relations if a is not None else ())
-            ],
-            columns=[o.name for st in (a.statements if a is not None else ()) for o in st.outputs],
+            statement_kinds=parts[0],
+            relations=parts[1],
+            columns=parts[2],
             decision=outcome,
             rule=rule,
             reason=(err.message if err is not None else (decision.reason if decision is not None else None)),
@@ -249,4 +274,3 @@ class Runtime:
         )
         # Sealed into the chain by the writer's drain task, off the request's path.
         await self.audit.enqueue(record)
-        self.metrics.audit_queue.set(self.audit.queue_depth)

@@ -44,16 +44,27 @@ def compute_hash(key: bytes, record: AuditRecord) -> str:
     return mac.hexdigest()
 
 
-def seal(key: bytes, record: AuditRecord, state: ChainState) -> AuditRecord:
+def seal(key: bytes, record: AuditRecord, state: ChainState, *, in_place: bool = False) -> AuditRecord:
     """``record`` appended after ``state``: next seq, linked and hashed. The sealed record keeps
-    the JSON text that was hashed, so the sinks write it without serializing the record again."""
+    the JSON text that was hashed, so the sinks write it without serializing the record again.
+
+    ``in_place`` seals ``record`` itself instead of a copy, for a caller that owns a record no
+    one else holds (the audit writer's ``enqueue``); it must not have been sealed before."""
     # What compute_hash(key, linked) covers, built from each field's JSON text once: the
     # canonical bytes are json.dumps(sort_keys=True) of the linked record without its hash.
     seq = state.seq + 1
     vals, head, tail = encode_linked(record, seq, state.head_hash)
     mac = hmac.new(key, state.head_hash.encode("ascii"), hashlib.sha256)
     mac.update(("{" + head + "," + tail + "}").encode("utf-8"))
-    sealed = record.with_chain(seq, state.head_hash, mac.hexdigest())
+    if in_place:
+        if record.hash:
+            raise ValueError("audit record is sealed already")
+        sealed = record
+        object.__setattr__(sealed, "seq", seq)
+        object.__setattr__(sealed, "prev_hash", state.head_hash)
+        object.__setattr__(sealed, "hash", mac.hexdigest())
+    else:
+        sealed = record.with_chain(seq, state.head_hash, mac.hexdigest())
     attach_json(sealed, vals, head, tail)
     return sealed
 
@@ -65,8 +76,8 @@ class Chain:
         self._key = key
         self.state = state or ChainState.genesis()
 
-    def append(self, record: AuditRecord) -> AuditRecord:
-        sealed = seal(self._key, record, self.state)
+    def append(self, record: AuditRecord, *, in_place: bool = False) -> AuditRecord:
+        sealed = seal(self._key, record, self.state, in_place=in_place)
         self.state = ChainState(sealed.seq, sealed.hash)
         return sealed
 

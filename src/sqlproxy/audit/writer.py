@@ -55,7 +55,8 @@ class AuditWriter:
         self._linger_s = linger_s
         self._chain: Chain | None = None
         # Accepted and not yet sealed (in queue order), then sealed and not yet taken by the drain.
-        self._unsealed: deque[AuditRecord] = deque()
+        # Each with whether the writer owns the object (enqueue: sealed in place, no copy).
+        self._unsealed: deque[tuple[AuditRecord, bool]] = deque()
         self._pending: deque[AuditRecord] = deque()
         self._inflight = 0
         # Set when there is work for the drain task (cheaper than waking it through _cond on
@@ -178,11 +179,28 @@ class AuditWriter:
 
     # -- submitting
     async def enqueue(self, record: AuditRecord) -> None:
-        """Queue ``record`` to be sealed as the next in the chain and written.
+        """Queue ``record`` to be sealed as the next in the chain and written. The writer takes
+        the record over: it is sealed in place (its seq and hashes set), not copied, so the
+        caller must not hand the same object in again.
 
         Waits while the queue is full. The check and the append have no await between them, so
         queue order is seq order and a cancelled wait leaves no hole in the chain.
         """
+        await self._wait_for_room()
+        self._unsealed.append((record, not record.hash))
+        self._work.set()
+
+    async def submit(self, record: AuditRecord) -> AuditRecord:
+        """Like ``enqueue``, and seal a copy of ``record`` (with everything queued before it) at
+        once; return the sealed copy."""
+        await self._wait_for_room()
+        self._unsealed.append((record, False))
+        self._work.set()
+        self._seal_queued()
+        return self._pending[-1]
+
+    async def _wait_for_room(self) -> None:
+        # No await between the caller's return from here and its append.
         if self._chain is None or self._closing:
             raise RuntimeError("audit writer is not running")
         if self.queue_depth >= self.queue_size:
@@ -190,15 +208,6 @@ class AuditWriter:
                 await self._cond.wait_for(lambda: self.queue_depth < self.queue_size or self._closing)
                 if self._closing:
                     raise RuntimeError("audit writer is closing")
-        self._unsealed.append(record)
-        self._work.set()
-
-    async def submit(self, record: AuditRecord) -> AuditRecord:
-        """Like ``enqueue``, and seal ``record`` (with everything queued before it) at once;
-        return the sealed record."""
-        await self.enqueue(record)
-        self._seal_queued()
-        return self._pending[-1]
 
     def _seal_queued(self, limit: int | None = None) -> None:
         """Seal queued records in order (at most ``limit`` of them)."""
@@ -207,9 +216,9 @@ class AuditWriter:
         unsealed, pending = self._unsealed, self._pending
         n = len(unsealed) if limit is None else min(limit, len(unsealed))
         for _ in range(n):
-            record = unsealed.popleft()
+            record, owned = unsealed.popleft()
             try:
-                sealed = chain.append(record)
+                sealed = chain.append(record, in_place=owned)
             except (ValueError, TypeError) as e:
                 # Text the JSON encoding refuses (a lone surrogate from a client): the record is
                 # kept with that text escaped rather than lost, and the drain task lives on.
