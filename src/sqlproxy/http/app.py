@@ -392,6 +392,10 @@ def create_app(runtime: Runtime) -> FastAPI:
     from sqlproxy.http.stream_routes import install_stream_routes
 
     install_stream_routes(app, runtime)
+
+    from sqlproxy.http.copy_routes import install_copy_routes
+
+    install_copy_routes(app, runtime)
     return app
 
 

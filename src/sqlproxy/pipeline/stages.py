@@ -147,8 +147,17 @@ class AnalyzeStage:
                         "each request already runs in one transaction",
                         sqlstate="25000",
                     )
-                if st.kind is StatementKind.COPY and st.copy is not None and st.copy.target == "stdio":
-                    raise BadRequest("COPY FROM STDIN / TO STDOUT needs the wire protocol", sqlstate="0A000")
+                if (
+                    st.kind is StatementKind.COPY
+                    and st.copy is not None
+                    and st.copy.target == "stdio"
+                    and not req.extra.get("copy_stream")  # the HTTP bulk import/export routes
+                ):
+                    raise BadRequest(
+                        "COPY FROM STDIN / TO STDOUT needs the wire protocol "
+                        "(or /api/v1/import and /api/v1/export)",
+                        sqlstate="0A000",
+                    )
             if req.params and len(analysis.statements) != 1:
                 raise BadRequest("params are only accepted with a single statement", sqlstate="42P02")
         req.stage_seconds[self.name] = time.perf_counter() - t
