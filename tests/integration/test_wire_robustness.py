@@ -647,13 +647,18 @@ async def test_idle_session_timeout(wire_factory: WireFactory) -> None:
     assert h.server.active == 0
 
 
-async def test_idle_in_transaction_timeout(wire_factory: WireFactory, robust_db: str) -> None:
+@pytest.mark.parametrize("failed", [False, True])
+async def test_idle_in_transaction_timeout(wire_factory: WireFactory, robust_db: str, failed: bool) -> None:
     h = await wire_factory(idle_in_transaction_timeout_s=0.3)
     tag, key = uuid.uuid4().hex, lock_key()
     raw = await _login(h)
     raw.send(query(f"BEGIN; INSERT INTO robust.t VALUES ('{tag}', 1); SELECT pg_advisory_xact_lock({key})"))
     msgs = await raw.until_ready()
     assert msgs[-1] == ReadyForQuery("T")
+    if failed:  # idle in a failed transaction counts too
+        raw.send(query("SELECT 1/0"))
+        msgs = await raw.until_ready()
+        assert msgs[-1] == ReadyForQuery("E")
     err = fatal(await raw.until_eof())
     assert err.sqlstate == "25P03"
     assert "idle-in-transaction timeout" in (err.message or "")

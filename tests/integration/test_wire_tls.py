@@ -18,7 +18,13 @@ from typing import Any
 import psycopg
 import pytest
 
-from sqlproxy.protocol.messages import CancelRequest, ReadyForQuery, StartupMessage
+from sqlproxy.protocol.messages import (
+    CancelRequest,
+    ErrorResponse,
+    NoticeResponse,
+    ReadyForQuery,
+    StartupMessage,
+)
 from tests.fix_wire import WireHarness
 from tests.raw_wire import HANG_S, ROBUST_SQL, RawClient, errors, fatal, lock_key, query, session_ended
 
@@ -231,8 +237,8 @@ async def test_direct_tls_is_refused(wire_factory: WireFactory, pki: Pki) -> Non
 
 
 async def test_cancel_over_tls(wire_factory: WireFactory, pki: Pki, demo_dsn: str) -> None:
-    """libpq sends its CancelRequest on a connection of its own, over TLS too when sslmode
-    asks for it; the proxy routes it to the right session."""
+    """libpq 17+ (psycopg's cancel_safe) sends its CancelRequest on a connection of its own,
+    over TLS when sslmode asks for it; the proxy routes it to the right session."""
     with psycopg.connect(demo_dsn, autocommit=True) as c:
         c.execute(ROBUST_SQL)
     h = await _tls_wire(wire_factory, pki, require_tls=True)
@@ -246,8 +252,33 @@ async def test_cancel_over_tls(wire_factory: WireFactory, pki: Pki, demo_dsn: st
             await asyncio.wait_for(task, HANG_S)
         cur = await conn.execute("SELECT 1")
         assert await cur.fetchone() == (1,)
-    # A CancelRequest for that session over plaintext with a wrong key is ignored quietly.
+
+
+async def test_plaintext_cancel_reaches_a_tls_session(
+    wire_factory: WireFactory, pki: Pki, demo_dsn: str
+) -> None:
+    """The old PQcancel sends CancelRequest in plaintext even for a TLS connection, and
+    PostgreSQL accepts it whatever its TLS rules; so does a require_tls proxy. (psycopg's
+    conn.cancel() holds the GIL while it waits, so in this process, which also runs the proxy,
+    a raw client sends what PQcancel sends.) A wrong key is ignored the same quiet way."""
+    with psycopg.connect(demo_dsn, autocommit=True) as c:
+        c.execute(ROBUST_SQL)
+    h = await _tls_wire(wire_factory, pki, require_tls=True)
     raw = await RawClient.open(h.port)
-    raw.send(CancelRequest(1, b"\0\0\0\0").encode())
-    assert await raw.until_eof() == []
+    raw.send(_SSL_REQUEST)
+    assert await raw.read_byte() == b"S"
+    await raw.start_tls(ssl.create_default_context(cafile=str(pki.ca)), server_hostname="localhost")
+    msgs = await raw.login("admin", h.passwords["admin"])
+    assert isinstance(msgs[-1], ReadyForQuery) and raw.key is not None, msgs
+    raw.send(query(f"SELECT robust.hold({lock_key()}, 3600)"))
+    while not isinstance(msg := await raw.recv(), NoticeResponse):  # robust.hold runs upstream
+        assert msg is not None and not isinstance(msg, ErrorResponse), msg
+    for pid, secret in ((1, b"\0\0\0\0"), (raw.key.process_id, raw.key.secret_key)):
+        c = await RawClient.open(h.port)
+        c.send(CancelRequest(pid, secret).encode())
+        assert await c.until_eof() == []
+        await c.close()
+    msgs = await raw.until_ready()
+    (err,) = errors(msgs)
+    assert err.sqlstate == "57014"
     await raw.close()
