@@ -261,8 +261,8 @@ async def test_plaintext_cancel_reaches_a_tls_session(
     PostgreSQL accepts it whatever its TLS rules; so does a require_tls proxy. (psycopg's
     conn.cancel() holds the GIL while it waits, so in this process, which also runs the proxy,
     a raw client sends what PQcancel sends.) A wrong key is ignored the same quiet way."""
-    with psycopg.connect(demo_dsn, autocommit=True) as c:
-        c.execute(ROBUST_SQL)
+    with psycopg.connect(demo_dsn, autocommit=True) as setup:
+        setup.execute(ROBUST_SQL)
     h = await _tls_wire(wire_factory, pki, require_tls=True)
     raw = await RawClient.open(h.port)
     raw.send(_SSL_REQUEST)
