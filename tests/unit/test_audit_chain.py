@@ -295,3 +295,22 @@ def test_sealed_encoding_is_the_canonical_json(change: dict[str, object]) -> Non
     assert fresh.to_json() == dumps and fresh.field_json() == sealed.field_json()
     changed = replace(sealed, sql="SELECT 'other'")
     assert '"sql":"SELECT \'other\'"' in changed.to_json()
+
+
+def test_ids_are_uuid4_hex_and_timestamps_fixed_width_utc() -> None:
+    import uuid
+    from datetime import UTC, datetime
+
+    from sqlproxy.audit.record import format_ts, new_id, utc_now_iso
+
+    ids = {new_id() for _ in range(200)}
+    assert len(ids) == 200
+    for i in ids:
+        u = uuid.UUID(hex=i)
+        assert u.hex == i and u.version == 4 and u.variant == uuid.RFC_4122
+    before = format_ts(datetime.now(UTC))
+    now = utc_now_iso()
+    after = format_ts(datetime.now(UTC))
+    assert len(now) == len(before) == 27 and now.endswith("Z")
+    assert before[:19] <= now[:19] <= after[:19]  # same clock, to the second
+    assert normalize_ts(now) == now

@@ -16,8 +16,9 @@ import json.encoder
 import logging
 import math
 import operator
+import os
 import re
-import uuid
+import time
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any
@@ -72,7 +73,30 @@ def escaped_record(record: AuditRecord) -> AuditRecord:
 
 
 def utc_now_iso() -> str:
-    return format_ts(datetime.now(UTC))
+    """``format_ts(datetime.now(UTC))``; the text up to the seconds is made once per second."""
+    global _ts_cache
+    now = time.time()
+    sec = int(now)
+    micro = int((now - sec) * 1_000_000)
+    cached = _ts_cache
+    if cached[0] != sec:
+        cached = _ts_cache = (sec, time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(sec)))
+    return f"{cached[1]}{micro:06d}Z"
+
+
+_ts_cache: tuple[int, str] = (-1, "")
+
+
+def new_id() -> str:
+    """A random (version 4) UUID as 32 hex digits, like ``uuid.uuid4().hex`` without building a
+    UUID object."""
+    n = int.from_bytes(os.urandom(16), "big")
+    return "%032x" % ((n & _UUID_CLEAR) | _UUID_V4)
+
+
+# Version 4 (bits 76-79) and the RFC 4122 variant (bits 62-63), as uuid.UUID(version=4) sets them.
+_UUID_CLEAR = ~((0xF000 << 64) | (0xC000 << 48)) & ((1 << 128) - 1)
+_UUID_V4 = (0x4000 << 64) | (0x8000 << 48)
 
 
 def format_ts(dt: datetime) -> str:
@@ -205,8 +229,11 @@ class AuditRecord:
         set_(self, "statement_kinds", [str(k) for k in self.statement_kinds])
         set_(self, "columns", [str(c) for c in self.columns])
         set_(self, "relations", _json_roundtrip(list(self.relations)))
-        set_(self, "classifications", _json_roundtrip(dict(self.classifications)))
-        set_(self, "extra", _json_roundtrip(drop_secrets(dict(self.extra))))
+        # Empty dicts (nearly every request's classifications and extra) need no round trip.
+        c = self.classifications
+        set_(self, "classifications", {} if type(c) is dict and not c else _json_roundtrip(dict(c)))
+        e = self.extra
+        set_(self, "extra", {} if type(e) is dict and not e else _json_roundtrip(drop_secrets(dict(e))))
 
     @classmethod
     def new(
@@ -236,7 +263,7 @@ class AuditRecord:
     ) -> AuditRecord:
         """An unsealed record (seq 0, no hashes); ``AuditWriter.submit`` seals it."""
         return cls(
-            id=id or uuid.uuid4().hex,
+            id=id or new_id(),
             ts=ts or utc_now_iso(),
             user=user,
             roles=roles or [],

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+from sqlproxy.audit.record import new_id
 
 if TYPE_CHECKING:
     from sqlproxy.auth.users import Identity
@@ -41,7 +42,7 @@ class Request:
     # (row counts and command tags; rows only when the door wants them classified by value).
     executor: Callable[[Request], Awaitable[None]] | None = field(default=None, repr=False)
 
-    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    id: str = field(default_factory=new_id)
     started: float = field(default_factory=time.perf_counter)
     started_wall: float = field(default_factory=time.time)
 
