@@ -917,3 +917,46 @@ async def test_client_vanishing_while_it_waits_for_a_server_connection(
         s = h.server._by_pid[conn.info.backend_pid]
     await session_ended(s)
     assert h.backends_in_use() == 0
+
+
+@pytest.mark.parametrize(
+    "case", ["unknown_type_y", "query_without_nul", "bind_without_nul", "truncated_query_then_eof"]
+)
+async def test_hostile_bytes_in_session_mode_reset_the_connection(
+    wire_factory: WireFactory, case: str
+) -> None:
+    """In session pool mode the client holds its server connection all along; after a
+    protocol violation (or a vanishing client) it goes back reset, and the next client on
+    the one-connection pool gets it clean."""
+    h = await wire_factory(pool_mode="session", server_pool_size=1)
+    data, sqlstate = AFTER_LOGIN[case]
+    raw = await _login(h)
+    raw.send(query("CREATE TEMP TABLE leftover (a int); SET work_mem = '7MB'; SELECT pg_backend_pid()"))
+    msgs = await raw.until_ready()
+    assert not errors(msgs), msgs
+    (first,) = [m.values[0] for m in msgs if isinstance(m, DataRow)]
+    raw.send(data)
+    if sqlstate is None:
+        raw.writer.write_eof()
+    rest = await raw.until_eof()
+    await raw.close()
+    if sqlstate is None:
+        assert rest == []
+    else:
+        assert fatal(rest).sqlstate == sqlstate
+    async with await psycopg.AsyncConnection.connect(h.dsn("admin"), autocommit=True) as conn:
+        cur = await conn.execute(
+            "SELECT pg_backend_pid()::text, to_regclass('pg_temp.leftover'), current_setting('work_mem')"
+        )
+        row = await cur.fetchone()
+        assert row is not None and row[1:] == (None, "4MB")
+        if case != "bind_without_nul":  # (a half-read extended batch: dropped, not reset)
+            assert row[0].encode() == first  # the same connection, reset
+        s = h.server._by_pid[conn.info.backend_pid]
+    await session_ended(s)
+    # Session mode resets on release (DISCARD ALL) before the connection is idle again:
+    # taking the pool's one connection proves it came back.
+    pool = h.server.pools["demo"]
+    be = await asyncio.wait_for(pool.acquire(), HANG_S)
+    pool.release(be)
+    assert h.backends_in_use() == 0
