@@ -173,21 +173,24 @@ class Hierarchy:
         # Optimistic: take as we go and give back if a later level refuses; the success path is
         # then one pass. This loop is the per-request cost of the limiter, hence the inlining.
         for b in chain:
+            t = b.tokens
             dt = now - b.stamp
             if dt > 0.0:
                 b.stamp = now
                 add = dt * b.rate
-                t = b.tokens + add
-                if t > b.burst:
-                    if b.tokens >= b.burst:
+                nt = t + add
+                burst = b.burst
+                if nt > burst:
+                    if t >= burst:
                         b.overflow += add
-                        t = b.tokens
+                        nt = t
                     else:
-                        b.overflow += t - b.burst
-                        t = b.burst
-                b.tokens = t
-            left = b.tokens - cost
+                        b.overflow += nt - burst
+                        nt = burst
+                t = nt
+            left = t - cost
             if left < 0.0:
+                b.tokens = t
                 return self._reject(chain, b, now, cost)
             b.tokens = left
             b.admitted += 1
