@@ -3,6 +3,8 @@ one test process do not collide."""
 
 from __future__ import annotations
 
+import math
+from bisect import bisect_left
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -58,26 +60,72 @@ class Metrics:
         self._requests: dict[tuple[str, str], Counter] = {}
         self._latency: dict[str, Histogram] = {}
         self._stage: dict[str, Histogram] = {}
+        # Requests observed and not yet added to the prometheus objects: each observation there
+        # takes a lock per value and walks the buckets, so they are added a batch at a time,
+        # counted per bucket. render() adds what is buffered first, so a scrape is exact.
+        self._buffer: list[tuple[str, str, float, dict[str, float]]] = []
 
     def observe_request(self, req: Request) -> None:
-        # Runs for every request. prometheus_client's labels() validates and locks on each
-        # call (about half the cost here), so the labelled children are looked up once.
+        # Runs for every request: only remembers what to observe.
         decision = req.error.decision if req.error is not None else "allow"
-        key = (req.door, decision)
-        counter = self._requests.get(key)
-        if counter is None:
-            counter = self._requests[key] = self.requests.labels(req.door, decision)
-        counter.inc()
-        latency = self._latency.get(req.door)
-        if latency is None:
-            latency = self._latency[req.door] = self.latency.labels(req.door)
-        latency.observe(req.elapsed_ms / 1000.0)
-        stages = self._stage
-        for stage, seconds in req.stage_seconds.items():
-            child = stages.get(stage)
+        buf = self._buffer
+        buf.append((req.door, decision, req.elapsed_ms / 1000.0, req.stage_seconds))
+        if len(buf) >= _FLUSH_EVERY:
+            self.flush()
+
+    def flush(self) -> None:
+        """Add the buffered observations to the prometheus metrics."""
+        buf, self._buffer = self._buffer, []
+        if not buf:
+            return
+        counts: dict[tuple[str, str], int] = {}
+        latency: dict[str, list[float]] = {}
+        stages: dict[str, list[float]] = {}
+        for door, decision, seconds, per_stage in buf:
+            key = (door, decision)
+            counts[key] = counts.get(key, 0) + 1
+            latency.setdefault(door, []).append(seconds)
+            for stage, s in per_stage.items():
+                stages.setdefault(stage, []).append(s)
+        for key, n in counts.items():
+            counter = self._requests.get(key)
+            if counter is None:
+                counter = self._requests[key] = self.requests.labels(*key)
+            counter.inc(n)
+        for door, values in latency.items():
+            child = self._latency.get(door)
             if child is None:
-                child = stages[stage] = self.stage.labels(stage)
-            child.observe(seconds)
+                child = self._latency[door] = self.latency.labels(door)
+            _observe_many(child, values)
+        for stage, values in stages.items():
+            child = self._stage.get(stage)
+            if child is None:
+                child = self._stage[stage] = self.stage.labels(stage)
+            _observe_many(child, values)
 
     def render(self) -> bytes:
+        self.flush()
         return generate_latest(self.registry)
+
+
+_FLUSH_EVERY = 256
+
+
+def _observe_many(child: Histogram, values: list[float]) -> None:
+    """``child.observe(v)`` for each value, adding each bucket's count and the sum once. Uses
+    the labelled histogram's bucket values (prometheus_client 0.26, pinned); observes one by
+    one if they are not there."""
+    bounds = getattr(child, "_upper_bounds", None)
+    buckets = getattr(child, "_buckets", None)
+    total = getattr(child, "_sum", None)
+    if bounds is None or buckets is None or total is None:
+        for v in values:
+            child.observe(v)
+        return
+    per_bucket: dict[int, int] = {}
+    for v in values:
+        i = bisect_left(bounds, v)  # the first bound >= v, as Histogram.observe picks
+        per_bucket[i] = per_bucket.get(i, 0) + 1
+    total.inc(math.fsum(values))
+    for i, n in per_bucket.items():
+        buckets[i].inc(n)
