@@ -382,6 +382,24 @@ async def test_export_backpressure_pauses_the_server(wire: WireHarness, proxy: P
             async for chunk in it:
                 rows += bytes(chunk).count(b"\n")
         assert rows == n and cur.rowcount == n
+    # Whenever the last pause happened, server connections back in the pool read again.
+    await _until(lambda: wire.backends_in_use() == 0, "the export's server connection goes back")
+    for pool in wire.server.pools.values():
+        assert all(be.transport is not None and be.transport.is_reading() for be in pool.idle)
+
+
+async def test_server_connection_changing_hands_reads_again(wire: WireHarness) -> None:
+    """A session pauses its server connection while its client's socket is full (the end of a
+    large COPY TO STDOUT can leave it so); the next user of that connection must not inherit
+    the pause, or it waits forever."""
+    pool = wire.server.pool_for("demo")
+    be = await pool.acquire()
+    assert be.transport is not None
+    be.transport.pause_reading()  # what WireSession.pause_writing does
+    pool.release(be)
+    assert be.transport.is_reading()
+    async with await psycopg.AsyncConnection.connect(wire.dsn("developer"), autocommit=True) as conn:
+        await _usable(conn)
 
 
 async def test_load_backpressure_pauses_the_client(

@@ -92,6 +92,7 @@ class BackendConnection(asyncio.Protocol):
         self.dirty = False
         self._waiter: asyncio.Future[None] | None = None
         self._client_transport: asyncio.Transport | None = None
+        self._write_paused = False
 
     # -- asyncio.Protocol ------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -117,17 +118,29 @@ class BackendConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         # The server reads slower than the client sends: stop reading the client.
+        self._write_paused = True
         if self._client_transport is not None and not self._client_transport.is_closing():
             with contextlib.suppress(RuntimeError):
                 self._client_transport.pause_reading()
 
     def resume_writing(self) -> None:
+        self._write_paused = False
         if self._client_transport is not None and not self._client_transport.is_closing():
             with contextlib.suppress(RuntimeError):
                 self._client_transport.resume_reading()
 
     def attach_client(self, transport: asyncio.Transport | None) -> None:
+        old = self._client_transport
+        if old is not None and old is not transport and self._write_paused and not old.is_closing():
+            with contextlib.suppress(RuntimeError):
+                old.resume_reading()  # this connection paused that client; it no longer serves it
         self._client_transport = transport
+        # Reading from the server may have been paused for the previous client's sake (its
+        # socket was full, WireSession.pause_writing, e.g. at the end of a large COPY TO
+        # STDOUT): a connection changing hands must read again, or its next user waits forever.
+        if self.transport is not None and not self.closed:
+            with contextlib.suppress(RuntimeError):
+                self.transport.resume_reading()
 
     # -- I/O helpers -----------------------------------------------------------------------
     def _wake(self) -> None:
