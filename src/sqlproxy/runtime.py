@@ -220,6 +220,13 @@ class Runtime:
         return parts
 
     async def audit_request(self, req: Request) -> None:
+        """Queue the audit record of ``req`` (waiting only while the audit queue is full)."""
+        record = self.audit_record(req)
+        if not self.audit.try_enqueue(record):
+            await self.audit.enqueue(record)
+
+    def audit_record(self, req: Request) -> AuditRecord:
+        """The audit record of ``req`` as it stands."""
         cfg = self.config.current
         ident = req.identity
         a = req.analysis
@@ -273,4 +280,4 @@ class Runtime:
             extra=extra,
         )
         # Sealed into the chain by the writer's drain task, off the request's path.
-        await self.audit.enqueue(record)
+        return record

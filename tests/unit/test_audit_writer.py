@@ -350,3 +350,21 @@ async def test_a_record_json_cannot_encode_is_kept_escaped(tmp_path: Path) -> No
     finally:
         await store.close()
     assert [r.sql for r in got] == ["SELECT '\\ud800'", "SELECT 2"]
+
+
+async def test_try_enqueue_refuses_when_full_and_queues_nothing(tmp_path: Path) -> None:
+    gate = GateSink()
+    w = AuditWriter(sinks=[gate], store=SqliteStore(tmp_path / "a.db"), key=KEY, queue_size=2, batch_size=1)
+    await w.start()
+    assert w.try_enqueue(rec(1))
+    await gate.entered.wait()  # the drain task holds seq 1 inside the blocked sink
+    assert w.try_enqueue(rec(2))
+    assert not w.try_enqueue(rec(3))
+    assert w.queue_depth == 2
+    gate.gate.set()
+    await w.enqueue(rec(4))
+    await w.flush()
+    assert [r.sql for r in gate.got] == ["SELECT 1", "SELECT 2", "SELECT 4"]
+    await w.close()
+    with pytest.raises(RuntimeError):
+        w.try_enqueue(rec(5))

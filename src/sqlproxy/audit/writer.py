@@ -190,6 +190,17 @@ class AuditWriter:
         self._unsealed.append((record, not record.hash))
         self._work.set()
 
+    def try_enqueue(self, record: AuditRecord) -> bool:
+        """``enqueue`` without waiting: False (and nothing queued) when the queue is full.
+        Raises like ``enqueue`` when the writer is not running."""
+        if self._chain is None or self._closing:
+            raise RuntimeError("audit writer is not running")
+        if self.queue_depth >= self.queue_size:
+            return False
+        self._unsealed.append((record, not record.hash))
+        self._work.set()
+        return True
+
     async def submit(self, record: AuditRecord) -> AuditRecord:
         """Like ``enqueue``, and seal a copy of ``record`` (with everything queued before it) at
         once; return the sealed copy."""

@@ -55,8 +55,11 @@ class AuditStage:
             req.error = ProxyError(f"internal error: {type(e).__name__}")
             raise req.error from e
         finally:
-            # Cancellation (client gone) still leaves a record; shield it so the write completes.
-            await asyncio.shield(self.rt.audit_request(req))
+            # Queued at once when the audit queue has room (nearly always: no task, no await).
+            # Else wait for room, shielded so that cancellation (client gone) still leaves it.
+            record = self.rt.audit_record(req)
+            if not self.rt.audit.try_enqueue(record):
+                await asyncio.shield(self.rt.audit.enqueue(record))
 
 
 class MetricsStage:
