@@ -636,9 +636,11 @@ async def test_max_clients(wire_factory: WireFactory) -> None:
 
 async def test_idle_session_timeout(wire_factory: WireFactory) -> None:
     h = await wire_factory(idle_timeout_s=0.3)
-    raw = await _login(h, "analyst")
-    raw.send(query("SELECT 1"))
-    await raw.until_ready()
+    raw = await RawClient.open(h.port)
+    # The Query goes with the login, so the timer cannot fire before it on a slow machine.
+    msgs = await raw.login("analyst", h.passwords["analyst"], pipeline=query("SELECT 1"))
+    assert isinstance(msgs[-1], ReadyForQuery), msgs
+    assert DataRow((b"1",)) in await raw.until_ready()
     err = fatal(await raw.until_eof())
     assert err.sqlstate == "57P05"
     assert "idle-session timeout" in (err.message or "")
@@ -652,11 +654,15 @@ async def test_idle_in_transaction_timeout(wire_factory: WireFactory, robust_db:
     h = await wire_factory(idle_in_transaction_timeout_s=0.3)
     tag, key = uuid.uuid4().hex, lock_key()
     raw = await _login(h)
-    raw.send(query(f"BEGIN; INSERT INTO robust.t VALUES ('{tag}', 1); SELECT pg_advisory_xact_lock({key})"))
+    # Sent together: the transaction is never idle before the test is done with it.
+    # (The idle timer only runs inside a transaction here: idle_timeout_s is 0.)
+    raw.send(
+        query(f"BEGIN; INSERT INTO robust.t VALUES ('{tag}', 1); SELECT pg_advisory_xact_lock({key})")
+        + (query("SELECT 1/0") if failed else b"")  # idle in a failed transaction counts too
+    )
     msgs = await raw.until_ready()
     assert msgs[-1] == ReadyForQuery("T")
-    if failed:  # idle in a failed transaction counts too
-        raw.send(query("SELECT 1/0"))
+    if failed:
         msgs = await raw.until_ready()
         assert msgs[-1] == ReadyForQuery("E")
     err = fatal(await raw.until_eof())
