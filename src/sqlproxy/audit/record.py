@@ -19,6 +19,7 @@ import operator
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any
@@ -155,10 +156,34 @@ def _json_roundtrip(value: Any) -> Any:
     return json.loads(json.dumps(value, ensure_ascii=False, allow_nan=False, default=str))
 
 
-# One encoder, built once: json.dumps with these arguments builds a new JSONEncoder per call.
-_ENCODE = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
 # The C string encoder json uses with ensure_ascii=False: the same text dumps makes of a str.
 _ENCODE_STR = json.encoder.encode_basestring
+
+
+def _not_serializable(o: Any) -> Any:
+    raise TypeError(f"Object of type {type(o).__name__} is not JSON serializable")
+
+
+def _make_encode() -> Callable[[Any], str]:
+    """``json.dumps(v, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+    allow_nan=False)`` as one function. JSONEncoder.encode builds the C encoder on every call
+    (half its cost for a small value); here it is built once. Without circular-reference
+    markers: what is encoded is plain JSON data, which AuditRecord.__post_init__ made sure of
+    (a cycle fails there)."""
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:  # no C accelerator: the pure-Python encoder
+        return json.JSONEncoder(
+            sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+        ).encode
+    c_encode = make(None, _not_serializable, _ENCODE_STR, None, ":", ",", True, False, False)
+
+    def encode(v: Any) -> str:
+        return "".join(c_encode(v, 0))
+
+    return encode
+
+
+_ENCODE = _make_encode()
 
 
 def canonical_json(data: dict[str, Any]) -> bytes:
