@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import operator
 import os
 import re
 import sqlite3
@@ -276,6 +277,8 @@ _COLUMNS = (
 )
 _JSON_COLUMNS = frozenset({"roles", "statement_kinds", "relations", "columns", "classifications", "extra"})
 _COLS_SQL = ", ".join(f'"{c}"' for c in _COLUMNS)
+_get_columns = operator.attrgetter(*_COLUMNS)
+_JSON_POSITIONS = tuple((i, c) for i, c in enumerate(_COLUMNS) if c in _JSON_COLUMNS)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS audit_records (
@@ -319,7 +322,10 @@ CREATE TABLE IF NOT EXISTS chain_head (
 def _to_row(r: AuditRecord) -> tuple[Any, ...]:
     # The JSON columns hold the same text the chain hashed (kept by seal; encoded here otherwise).
     texts = r.field_json()
-    return tuple(texts[c] if c in _JSON_COLUMNS else getattr(r, c) for c in _COLUMNS)
+    row = list(_get_columns(r))
+    for i, c in _JSON_POSITIONS:
+        row[i] = texts[c]
+    return tuple(row)
 
 
 def _from_row(row: sqlite3.Row) -> AuditRecord:
