@@ -148,10 +148,15 @@ def stop(proc: subprocess.Popen[bytes], what: str, timeout: float = 60) -> None:
 # PostgreSQL
 
 
-def prepare_postgres(pg: EmbeddedPostgres, password: str, pgbench: str, scale: int) -> None:
+def create_bench_database(pg: EmbeddedPostgres, password: str) -> None:
+    """The login role `bench` (with ``password``) and the database `bench` it owns."""
     with psycopg.connect(pg.dsn(), autocommit=True) as conn:
         conn.execute(f"CREATE ROLE {BENCH_USER} LOGIN PASSWORD '{password}'")
         conn.execute(f"CREATE DATABASE {BENCH_DB} OWNER {BENCH_USER}")
+
+
+def prepare_postgres(pg: EmbeddedPostgres, password: str, pgbench: str, scale: int) -> None:
+    create_bench_database(pg, password)
     t = time.monotonic()
     subprocess.run(
         [pgbench, "-i", "-q", "-s", str(scale)],
@@ -285,7 +290,7 @@ name = "bench-pgbench-tables"
 roles = ["bench"]
 database = "{db}"
 schema = "public"
-table = "pgbench_*"
+table = "{tables}"
 access = ["read", "insert", "update", "delete"]
 action = "allow"
 
@@ -310,7 +315,18 @@ class Proxy:
     state_dir: Path
 
 
-def start_sqlproxy(tmp: Path, name: str, dsn: str, password: str, pool_mode: str, pool_size: int) -> Proxy:
+def start_sqlproxy(
+    tmp: Path,
+    name: str,
+    dsn: str,
+    password: str,
+    pool_mode: str,
+    pool_size: int,
+    *,
+    tables: str = "pgbench_*",
+) -> Proxy:
+    """A `sqlproxy serve` process with the full pipeline; `bench` may read and write the tables
+    matching ``tables`` (a policy pattern) in the public schema and nothing else."""
     state = tmp / name
     state.mkdir()
     port = free_port()
@@ -326,6 +342,7 @@ def start_sqlproxy(tmp: Path, name: str, dsn: str, password: str, pool_mode: str
             dsn=dsn,
             user=BENCH_USER,
             verifier=make_verifier(password),
+            tables=tables,
         )
     )
     log = (state / "sqlproxy.log").open("wb")
