@@ -378,7 +378,9 @@ def test_take_frames_until_stops_before_stop_types() -> None:
     dec.feed(rows + tail)
     stop = frozenset({ord("Z"), ord("E")})
     assert dec.take_frames_until(stop) == rows + CommandComplete("SELECT 3").encode()
+    assert dec.taken == 4
     assert dec.take_frames_until(stop) == b""
+    assert dec.taken == 0
     assert dec.next() == ReadyForQuery("T")
     assert dec.take_frames_until(stop) == b""
 

@@ -107,7 +107,7 @@ def is_tls_client_hello(prefix: bytes) -> bool:
 class _Framer:
     """A bytearray buffer with a read offset; compacted on feed, never per message."""
 
-    __slots__ = ("_blocked", "_buf", "_eof", "_error", "_limits", "_pos", "max_message_length")
+    __slots__ = ("_blocked", "_buf", "_eof", "_error", "_limits", "_pos", "max_message_length", "taken")
 
     _SMALL: tuple[int, ...] = ()
     _KNOWN: frozenset[int] = frozenset()
@@ -119,6 +119,7 @@ class _Framer:
         self.max_message_length = max_message_length
         self._buf = bytearray()
         self._pos = 0
+        self.taken = 0
         self._error: ProtocolViolation | None = None
         self._eof = False
         # One flag for every slow-path condition (poisoned, untyped exchange pending, finished),
@@ -239,7 +240,8 @@ class _Framer:
     def take_frames_until(self, stop: Container[int]) -> bytes:
         """All complete frames before the first whose type is in ``stop`` (or before an
         incomplete one), concatenated. The stop message itself stays buffered for ``next()``.
-        Returns b"" when the very next message is a stop message or incomplete."""
+        Returns b"" when the very next message is a stop message or incomplete. ``taken`` is
+        then the number of frames returned (so their payload is ``len(block) - 5 * taken``)."""
         if self._blocked:
             self._raw_ready()
         buf = self._buf
@@ -247,6 +249,7 @@ class _Framer:
         size = len(buf)
         limits = self._limits
         unpack = _U32.unpack_from
+        count = 0
         while size - pos >= 5:
             t = buf[pos]
             (n,) = unpack(buf, pos + 1)
@@ -260,6 +263,8 @@ class _Framer:
             if end > size:
                 break
             pos = end
+            count += 1
+        self.taken = count
         if pos == start:
             return b""
         self._pos = pos

@@ -92,19 +92,6 @@ def error_fields(payload: bytes) -> dict[str, str]:
     return out
 
 
-def copydata_payload(block: bytes) -> int:
-    """Payload bytes of a run of whole CopyData messages (their 5-byte headers left out)."""
-    n = 0
-    pos = 0
-    size = len(block)
-    unpack = _U32.unpack_from
-    while pos < size:
-        (length,) = unpack(block, pos + 1)
-        n += length - 4
-        pos += 1 + length
-    return n
-
-
 class CopyStats:
     """One COPY on the wire, for its audit record: direction, bytes of data, rows (from the
     ``COPY n`` tag), how long the data flowed, and how it failed if it did."""
@@ -290,7 +277,7 @@ class ResponsePump:
                         # COPY TO STDOUT: runs of CopyData go through as one block, counted.
                         block = dec.take_frames_until(_NOT_COPYDATA)
                         if block:
-                            cs.bytes += copydata_payload(block)
+                            cs.bytes += len(block) - 5 * dec.taken  # payload: headers left out
                             out.append(block)
                     else:
                         block = dec.take_frames_until(_NOT_DATAROW)
