@@ -9,10 +9,7 @@ import asyncio
 import logging
 import ssl
 import struct
-import subprocess
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -26,6 +23,7 @@ from sqlproxy.protocol.messages import (
     StartupMessage,
 )
 from tests.fix_wire import WireHarness
+from tests.pki import Pki, make_pki
 from tests.raw_wire import HANG_S, ROBUST_SQL, RawClient, errors, fatal, lock_key, query, session_ended
 
 WireFactory = Callable[..., Awaitable[WireHarness]]
@@ -34,43 +32,9 @@ _SSL_REQUEST = struct.pack("!II", 8, 80877103)
 _GSSENC_REQUEST = struct.pack("!II", 8, 80877104)
 
 
-@dataclass(frozen=True)
-class Pki:
-    ca: Path
-    other_ca: Path
-    cert: Path
-    key: Path
-
-
-def _openssl(cwd: Path, *args: str) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    d = tmp_path_factory.mktemp("wire-tls")
-    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
-    for name in ("ca", "other-ca"):
-        _openssl(
-            d,
-            "req", "-x509", *ec, "-keyout", f"{name}.key", "-out", f"{name}.crt", "-days", "2",
-            "-subj", f"/CN=sqlproxy test {name}",
-            "-addext", "basicConstraints=critical,CA:TRUE",
-            "-addext", "keyUsage=critical,keyCertSign,cRLSign",
-        )  # fmt: skip
-    _openssl(d, "req", *ec, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost")
-    (d / "server.ext").write_text(
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\n"
-        "basicConstraints=critical,CA:FALSE\n"
-        "keyUsage=critical,digitalSignature\n"
-        "extendedKeyUsage=serverAuth\n"
-    )
-    _openssl(
-        d,
-        "x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-        "-CAcreateserial", "-out", "server.crt", "-days", "2", "-extfile", "server.ext",
-    )  # fmt: skip
-    return Pki(ca=d / "ca.crt", other_ca=d / "other-ca.crt", cert=d / "server.crt", key=d / "server.key")
+    return make_pki(tmp_path_factory.mktemp("wire-tls"))
 
 
 async def _tls_wire(wire_factory: WireFactory, pki: Pki, **overrides: Any) -> WireHarness:
