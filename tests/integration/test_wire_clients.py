@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -251,3 +252,28 @@ async def test_identity_setting_cannot_be_changed_by_the_client(wire: WireHarnes
                 await conn.execute(sql)
         cur = await conn.execute("SELECT current_setting('sqlproxy.user')")
         assert (await cur.fetchone()) == ("admin",)
+
+
+async def test_login_needs_no_server_connection_once_the_parameters_are_known(
+    wire_factory: Callable[..., Awaitable[WireHarness]],
+) -> None:
+    h = await wire_factory(pool_mode="transaction", server_pool_size=1)
+    first = await psycopg.AsyncConnection.connect(h.dsn("developer", application_name="first"))
+    # The only server connection stays with this open transaction.
+    await first.execute("SELECT 1")
+    assert h.backends_in_use() == 1
+    second = await asyncio.wait_for(
+        psycopg.AsyncConnection.connect(h.dsn("developer", application_name="second"), autocommit=True), 30
+    )
+    try:
+        for name in ("server_version", "DateStyle", "TimeZone", "integer_datetimes", "IntervalStyle"):
+            assert second.info.parameter_status(name) == first.info.parameter_status(name)
+        assert second.info.parameter_status("application_name") == "second"
+        waiting = asyncio.ensure_future(second.execute("SELECT current_setting('application_name')"))
+        await first.commit()
+        cur = await asyncio.wait_for(waiting, 30)
+        assert await cur.fetchone() == ("second",)
+    finally:
+        await second.close()
+        await first.close()
+    assert h.backends_in_use() == 0

@@ -40,6 +40,11 @@ class BackendPool:
         self._waiters: deque[asyncio.Future[BackendConnection | None]] = deque()
         self._all: set[BackendConnection] = set()
         self.closed = False
+        # The ParameterStatus values a client is told at login, by the startup settings that
+        # shape them (application_name aside): learnt from the first login with those settings,
+        # so later logins need no server connection (a pool held by open transactions must not
+        # keep new clients from logging in).
+        self.reported: dict[tuple[tuple[str, str], ...], dict[str, str]] = {}
 
     @property
     def in_use(self) -> int:

@@ -400,15 +400,25 @@ class WireSession(asyncio.Protocol, PumpOwner):
         sp = params.get("search_path")
         if sp:
             self.search_path = tuple(p.strip().strip('"') for p in sp.split(",") if p.strip())
-        be = await self._acquire()
-        ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        assert be.pump is not None
-        if be.pump.pending:
-            be.pump.expect(Exp(HIDDEN, lambda _e: _resolve(ready)))
-            be.write(b"Q\x00\x00\x00\x0dSELECT 1\x00")
-            await ready
+        shape = tuple(sorted((k, v) for k, v in self.settings.startup.items() if k != "application_name"))
+        known = self.pool.reported.get(shape)
+        app = params.get("application_name", "sqlproxy")
+        if known is None or self.pinned or not (app.isascii() and app.isprintable() and len(app) < 64):
+            be = await self._acquire()
+            ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            assert be.pump is not None
+            if be.pump.pending:
+                be.pump.expect(Exp(HIDDEN, lambda _e: _resolve(ready)))
+                be.write(b"Q\x00\x00\x00\x0dSELECT 1\x00")
+                await ready
+            reported = dict(be.parameters)
+            self.pool.reported[shape] = {k: v for k, v in reported.items() if k != "application_name"}
+        else:
+            reported = dict(known)
+            # What the server reports after the setup query: the client's name, else the
+            # proxy's own connection name that RESET ALL returns to.
+            reported["application_name"] = app
         out = [AuthenticationOk().encode()]
-        reported = dict(be.parameters)
         reported["client_encoding"] = "UTF8"
         for k, v in reported.items():
             if k not in _UNREPORTED_PARAMS:
@@ -420,7 +430,7 @@ class WireSession(asyncio.Protocol, PumpOwner):
         out.append(_READY["I"])
         self._write(b"".join(out))
         self.client_transport = self.transport
-        if not self.pinned:
+        if not self.pinned and self.be is not None:
             self._release()
         return True
 
