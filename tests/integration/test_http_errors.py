@@ -184,3 +184,28 @@ async def test_upstream_down_is_503_and_audited(proxy: ProxyHarness) -> None:
         rt.config.replace(cfg)
         await dead.close()
         assert "dead" not in rt.upstreams
+
+
+async def test_statement_timeout_is_504_and_audited(proxy: ProxyHarness) -> None:
+    rt = proxy.runtime
+    cfg = rt.config.current
+    demo = cfg.databases["demo"]
+    new_dbs = {**cfg.databases, "slow": demo.model_copy(update={"statement_timeout_ms": 50})}
+    rt.config.replace(cfg.model_copy(update={"databases": new_dbs}))
+    try:
+        # Far longer than 50 ms on any machine; the timeout stops it.
+        r = await proxy.query(
+            "admin", "SELECT count(*) FROM generate_series(1, 500000000) g", database="slow"
+        )
+        assert r.status_code == 504, r.text
+        body = r.json()
+        assert body["error"]["sqlstate"] == "57014"
+        rec = await _last_audit(proxy, body["id"])
+        assert rec["decision"] == "error" and rec["sqlstate"] == "57014" and rec["database"] == "slow"
+        # The pool's connection is usable afterwards: the timeout was local to that transaction.
+        r = await proxy.query("admin", "SELECT 1 AS one", database="slow")
+        assert r.status_code == 200 and r.json()["results"][0]["rows"] == [[1]]
+    finally:
+        slow = rt.upstreams["slow"]
+        rt.config.replace(cfg)
+        await slow.close()
