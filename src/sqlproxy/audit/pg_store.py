@@ -38,39 +38,20 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import asyncpg
 
 from sqlproxy.audit.chain import ChainState
-from sqlproxy.audit.record import AuditRecord, Undecodable, normalize_ts
+from sqlproxy.audit.record import (
+    STORE_COLUMNS,
+    STORE_JSON_COLUMNS,
+    AuditRecord,
+    Undecodable,
+    normalize_ts,
+)
 
 RECORDS_TABLE = "sqlproxy_audit_records"
 HEAD_TABLE = "sqlproxy_audit_chain_head"
 URL_SCHEMES = ("postgresql://", "postgres://")
 
-_COLUMNS = (
-    "seq",
-    "id",
-    "ts",
-    "user",
-    "roles",
-    "source",
-    "door",
-    "database",
-    "sql",
-    "fingerprint",
-    "statement_kinds",
-    "relations",
-    "columns",
-    "decision",
-    "rule",
-    "reason",
-    "rows",
-    "duration_ms",
-    "classifications",
-    "sqlstate",
-    "error",
-    "extra",
-    "prev_hash",
-    "hash",
-)
-_JSON_COLUMNS = frozenset({"roles", "statement_kinds", "relations", "columns", "classifications", "extra"})
+_COLUMNS = STORE_COLUMNS
+_JSON_COLUMNS = STORE_JSON_COLUMNS
 _COLS_SQL = ", ".join(f'"{c}"' for c in _COLUMNS)
 _INT64 = (-(2**63), 2**63 - 1)
 

@@ -456,3 +456,35 @@ class Undecodable:
     seq: int | None
     location: str
     error: str
+
+
+# Column order of audit_records; the JSON-typed ones are stored as JSON text.
+STORE_COLUMNS = (
+    "seq",
+    "id",
+    "ts",
+    "user",
+    "roles",
+    "source",
+    "door",
+    "database",
+    "sql",
+    "fingerprint",
+    "statement_kinds",
+    "relations",
+    "columns",
+    "decision",
+    "rule",
+    "reason",
+    "rows",
+    "duration_ms",
+    "classifications",
+    "sqlstate",
+    "error",
+    "extra",
+    "prev_hash",
+    "hash",
+)
+STORE_JSON_COLUMNS = frozenset(
+    {"roles", "statement_kinds", "relations", "columns", "classifications", "extra"}
+)

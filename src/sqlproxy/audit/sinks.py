@@ -20,7 +20,13 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from sqlproxy.audit.chain import ChainState
-from sqlproxy.audit.record import AuditRecord, Undecodable, normalize_ts
+from sqlproxy.audit.record import (
+    STORE_COLUMNS,
+    STORE_JSON_COLUMNS,
+    AuditRecord,
+    Undecodable,
+    normalize_ts,
+)
 
 log = logging.getLogger(__name__)
 
@@ -248,34 +254,8 @@ def _fsync_dir(path: Path) -> None:
 
 # -- SQLite ---------------------------------------------------------------------------------------
 
-# Column order of audit_records; the JSON-typed ones are stored as JSON text.
-_COLUMNS = (
-    "seq",
-    "id",
-    "ts",
-    "user",
-    "roles",
-    "source",
-    "door",
-    "database",
-    "sql",
-    "fingerprint",
-    "statement_kinds",
-    "relations",
-    "columns",
-    "decision",
-    "rule",
-    "reason",
-    "rows",
-    "duration_ms",
-    "classifications",
-    "sqlstate",
-    "error",
-    "extra",
-    "prev_hash",
-    "hash",
-)
-_JSON_COLUMNS = frozenset({"roles", "statement_kinds", "relations", "columns", "classifications", "extra"})
+_COLUMNS = STORE_COLUMNS
+_JSON_COLUMNS = STORE_JSON_COLUMNS
 _COLS_SQL = ", ".join(f'"{c}"' for c in _COLUMNS)
 _get_columns = operator.attrgetter(*_COLUMNS)
 _JSON_POSITIONS = tuple((i, c) for i, c in enumerate(_COLUMNS) if c in _JSON_COLUMNS)
