@@ -317,6 +317,9 @@ class WireSession(asyncio.Protocol, PumpOwner):
             await self._cleanup()
 
     async def _cleanup(self) -> None:
+        # The session has said its last word (a FATAL, or nothing): what the server still sends
+        # on its connection (a ParameterStatus from the settings query, say) must not follow it.
+        self.client_transport = None
         with contextlib.suppress(Exception):
             await asyncio.shield(self._flush_audits())
         be, self.be = self.be, None
