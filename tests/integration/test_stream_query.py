@@ -194,10 +194,15 @@ async def test_a_write_past_the_row_cap_still_runs(live: LiveProxy, pg: asyncpg.
     try:
         c = await live.ws("admin")
         await c.ready()
-        sql = f"SELECT 1 AS one; INSERT INTO {t} VALUES (7) RETURNING x"
+        # The last statement would fail if it ran: a read past the cap does not run.
+        sql = (
+            f"SELECT 1 AS one; INSERT INTO {t} VALUES (7) RETURNING x; "
+            "SELECT 1 / (g - g) AS never FROM generate_series(1, 1) g"
+        )
         await _query(c, "w", sql, credit=5, max_rows=1)
         done = await c.recv_type("complete", "w")
         assert done["statements"][1]["capped"] is True
+        assert done["statements"][2] == {"command": "SELECT 0", "row_count": 0, "capped": True}
         assert await pg.fetchval(f"SELECT count(*) FROM {t} WHERE x = 7") == 1
         await c.close()
     finally:

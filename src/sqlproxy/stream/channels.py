@@ -24,6 +24,7 @@ from sqlproxy.execute.upstream import ColumnInfo, StatementResult, translate_err
 from sqlproxy.http.jsonenc import to_jsonable
 from sqlproxy.pipeline.errors import ProxyError, UpstreamUnavailable
 from sqlproxy.pipeline.request import Request
+from sqlproxy.sql.model import Access, StatementKind
 from sqlproxy.stream.connection import Subscription
 from sqlproxy.stream.fanout import ResumeGap
 from sqlproxy.stream.filters import AuditFilter
@@ -379,7 +380,10 @@ class QuerySubscription(Subscription):
                             }
                         )
                         continue
-                    await self._stream_rows(pg, stmt, args, i, st.outputs, classifier, results)
+                    writes = st.kind is not StatementKind.SELECT or any(
+                        r.access is not Access.READ for r in st.relations
+                    )
+                    await self._stream_rows(pg, stmt, args, i, st.outputs, classifier, results, writes)
         except ProxyError:
             raise
         except asyncio.CancelledError:
@@ -398,6 +402,7 @@ class QuerySubscription(Subscription):
         outputs: Any,
         classifier: Any,
         results: list[StatementResult],
+        writes: bool,
     ) -> None:
         cols = [ColumnInfo(a.name, a.type.name) for a in stmt.get_attributes()]
         # Appended first and updated as rows go out, so a cancelled stream is audited with the
@@ -414,10 +419,11 @@ class QuerySubscription(Subscription):
                 left = self.max_rows - self.rows_sent
                 if left <= 0:
                     capped = True
-                    if not sent_columns:
-                        # Binding does not run the statement: a write (INSERT ... RETURNING)
-                        # past the cap must still happen, as on the HTTP door; its rows are
-                        # simply not sent. The first fetch runs a DML statement to the end.
+                    if writes and not sent_columns:
+                        # Binding does not run the statement: a write (INSERT ... RETURNING, a
+                        # data-modifying CTE) past the cap must still happen; its rows are not
+                        # sent. The first fetch runs it to the end. A read past the cap does
+                        # not run at all.
                         await self._cancellable(cursor.fetch(1))
                     break
                 want = min(want, left)
