@@ -206,9 +206,7 @@ class WireSession(asyncio.Protocol, PumpOwner):
         if self._eof:
             return
         self.dec.feed(data)
-        w = self._waiter
-        if w is not None and not w.done():
-            w.set_result(None)
+        self.wake()
 
     def eof_received(self) -> bool | None:
         self._gone()
@@ -222,9 +220,7 @@ class WireSession(asyncio.Protocol, PumpOwner):
 
     def _gone(self) -> None:
         self._eof = True
-        w = self._waiter
-        if w is not None and not w.done():
-            w.set_result(None)
+        self.wake()
 
     def pause_writing(self) -> None:
         be = self.be
@@ -240,8 +236,8 @@ class WireSession(asyncio.Protocol, PumpOwner):
 
     def wake(self) -> None:
         w = self._waiter
-        if w is not None and not w.done():
-            w.set_result(None)
+        if w is not None:
+            _resolve(w)
 
     # -- reading -----------------------------------------------------------------------------
     async def _more(self) -> None:
