@@ -70,6 +70,7 @@ class Classifier:
         )
         self._rules = tuple(_compile_rule(i, r.columns, r.classification) for i, r in enumerate(config.rules))
         self._lineage_cache: dict[frozenset[ColumnSource], frozenset[str]] = {}
+        self._outputs_cache: dict[int, tuple[Sequence[OutputColumn], dict[str, list[str]]]] = {}
 
     # -- lineage -------------------------------------------------------------------------------
     def source_labels(self, source: ColumnSource) -> frozenset[str]:
@@ -137,7 +138,24 @@ class Classifier:
         self, outputs: Sequence[OutputColumn], rows: Sequence[Sequence[object]] | None = None
     ) -> dict[str, list[str]]:
         """Sorted labels keyed by output column name. Columns sharing a name (``SELECT a.id, b.id``)
-        share one entry holding the union of their labels, so no label is lost."""
+        share one entry holding the union of their labels, so no label is lost.
+
+        Without rows the answer depends only on ``outputs``, which an analysis shares with every
+        statement of its shape: it is made once per outputs object and shared (read-only)."""
+        if not rows:
+            hit = self._outputs_cache.get(id(outputs))
+            if hit is not None and hit[0] is outputs:
+                return hit[1]
+            result = self._classify(outputs, None)
+            if len(self._outputs_cache) >= _LINEAGE_CACHE_MAX:
+                self._outputs_cache.clear()
+            self._outputs_cache[id(outputs)] = (outputs, result)
+            return result
+        return self._classify(outputs, rows)
+
+    def _classify(
+        self, outputs: Sequence[OutputColumn], rows: Sequence[Sequence[object]] | None
+    ) -> dict[str, list[str]]:
         merged: dict[str, set[str]] = {}
         for col, labels in zip(outputs, self.classify_positional(outputs, rows), strict=True):
             merged.setdefault(col.name, set()).update(labels)

@@ -4,6 +4,7 @@ sees every outcome of the inner ones, including errors."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
@@ -38,7 +39,6 @@ class Pipeline:
 
 
 def _bind(stage: Stage, call_next: Next) -> Next:
-    async def step(req: Request) -> None:
-        await stage(req, call_next)
-
-    return step
+    # A partial, not a wrapper coroutine: calling it returns the stage's own coroutine, so each
+    # stage costs one coroutine frame per request instead of two.
+    return functools.partial(stage.__call__, call_next=call_next)

@@ -28,6 +28,7 @@ from sqlproxy.ratelimit.stage import RateLimitStage
 from sqlproxy.sql.model import Analysis, SqlSyntaxError, StatementKind
 
 if TYPE_CHECKING:
+    from sqlproxy.auth.users import Identity
     from sqlproxy.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -112,13 +113,14 @@ class AnalyzeStage:
     async def __call__(self, req: Request, call_next: Next) -> None:
         t = time.perf_counter()
         cfg = self.rt.config.current
-        if req.sql is None or not req.sql.strip():
+        sql = req.sql
+        if sql is None or not sql or sql.isspace():
             raise BadRequest("empty SQL", sqlstate="42601")
-        if len(req.sql) > cfg.server.max_sql_bytes or len(req.sql.encode("utf-8", "surrogatepass")) > (
-            cfg.server.max_sql_bytes
-        ):
-            raise TooLarge(f"SQL text is larger than the limit of {cfg.server.max_sql_bytes} bytes")
-        if "\x00" in req.sql:
+        limit = cfg.server.max_sql_bytes
+        # A code point is at most 4 bytes in UTF-8: short texts need no encoding to be measured.
+        if len(sql) * 4 > limit and (len(sql) > limit or len(sql.encode("utf-8", "surrogatepass")) > limit):
+            raise TooLarge(f"SQL text is larger than the limit of {limit} bytes")
+        if "\x00" in sql:
             raise BadRequest("SQL text contains a NUL character", sqlstate="22021")
         db_name = cfg.resolve_database(req.database)
         if db_name is None:
@@ -126,17 +128,14 @@ class AnalyzeStage:
         req.database = db_name
         upstream = self.rt.upstreams[db_name]
         req.upstream = upstream
-        catalog = await upstream.ensure_catalog()
+        catalog = upstream.catalog or await upstream.ensure_catalog()
         search_path = req.search_path or upstream.config.search_path
         try:
-            analysis = self.rt.analysis_cache.get_or_analyze(req.sql, catalog, search_path)
-            if (
-                any(not r.known for r in analysis.relations)
-                and upstream.catalog_age() > _CATALOG_REFRESH_MIN_S
-            ):
+            analysis = self.rt.analysis_cache.get_or_analyze(sql, catalog, search_path)
+            if not analysis.all_known and upstream.catalog_age() > _CATALOG_REFRESH_MIN_S:
                 # The snapshot may predate a table created since; look once more before deciding.
                 catalog = await upstream.ensure_catalog(refresh=True)
-                analysis = self.rt.analysis_cache.get_or_analyze(req.sql, catalog, search_path)
+                analysis = self.rt.analysis_cache.get_or_analyze(sql, catalog, search_path)
         except SqlSyntaxError as e:
             raise SqlSyntax(f"syntax error: {e.message}", position=e.position) from None
         req.analysis = analysis
@@ -172,15 +171,26 @@ class PolicyStage:
 
     def __init__(self, runtime: Runtime) -> None:
         self.rt = runtime
+        # The principal of each identity, made once: identities are rebuilt on reload, so an
+        # entry keeps its identity object and is only used for that same object.
+        self._principals: dict[int, tuple[Identity, Principal]] = {}
+
+    def _principal(self, ident: Identity) -> Principal:
+        hit = self._principals.get(id(ident))
+        if hit is not None and hit[0] is ident:
+            return hit[1]
+        principal = Principal(
+            name=ident.name, roles=ident.roles, attributes=ident.attributes, admin=ident.admin
+        )
+        if len(self._principals) >= 4096:
+            self._principals.clear()
+        self._principals[id(ident)] = (ident, principal)
+        return principal
 
     async def __call__(self, req: Request, call_next: Next) -> None:
         t = time.perf_counter()
         assert req.identity is not None and req.analysis is not None and req.database is not None
-        ident = req.identity
-        principal = Principal(
-            name=ident.name, roles=ident.roles, attributes=ident.attributes, admin=ident.admin
-        )
-        decision = self.rt.policy.decide(principal, req.database, req.analysis)
+        decision = self.rt.policy.decide(self._principal(req.identity), req.database, req.analysis)
         req.decision = decision
         req.stage_seconds[self.name] = time.perf_counter() - t
         if not decision.allowed:

@@ -167,14 +167,18 @@ class Analysis:
     normalized: str  # the SQL with every literal replaced by $n: safe to log when literals are redacted
     # The search_path in force after the last statement, so a wire session can carry it on.
     final_search_path: tuple[str, ...] = field(default=())
+    # Derived once: an analysis is shared by every statement of its shape, and these are read on
+    # each one's path.
+    kinds: tuple[StatementKind, ...] = field(init=False, repr=False, compare=False)
+    relations: tuple[RelationAccess, ...] = field(init=False, repr=False, compare=False)
+    # Every relation named is in the catalog snapshot the analysis was made with.
+    all_known: bool = field(init=False, repr=False, compare=False)
 
-    @property
-    def kinds(self) -> tuple[StatementKind, ...]:
-        return tuple(s.kind for s in self.statements)
-
-    @property
-    def relations(self) -> tuple[RelationAccess, ...]:
-        return tuple(r for s in self.statements for r in s.relations)
+    def __post_init__(self) -> None:
+        relations = tuple(r for s in self.statements for r in s.relations)
+        object.__setattr__(self, "kinds", tuple(s.kind for s in self.statements))
+        object.__setattr__(self, "relations", relations)
+        object.__setattr__(self, "all_known", all(r.known for r in relations))
 
 
 class SqlSyntaxError(ValueError):
