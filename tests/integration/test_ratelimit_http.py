@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import asyncpg
 import httpx
 import psycopg
 import pytest
@@ -151,5 +152,44 @@ async def test_wire_door_refuses_with_53400_naming_the_level_and_the_session_goe
         await p.runtime.audit.flush()
         recs = await p.runtime.audit.store.query(user="analyst", decision="rate_limited", limit=10)
         assert any(r.door == "wire" and r.rule == "rate-limit:user" for r in recs)
+    finally:
+        await server.stop(grace_s=1)
+
+
+async def test_wire_extended_protocol_executes_are_limited_too(limited: Limited) -> None:
+    """A prepared statement is decided once at Parse; each Execute still spends a token, so the
+    extended protocol is no way around a limit (asyncpg uses it for everything)."""
+    p = limited
+    server = WireServer(p.runtime, host="127.0.0.1", port=0, config=p.runtime.config.current.wire)
+    await server.start()
+    try:
+        conn = await asyncpg.connect(
+            host="127.0.0.1",
+            port=server.bound_port,
+            user="analyst",
+            password=p.passwords["analyst"],
+            database="demo",
+            ssl=False,
+        )
+        try:
+            stmt = await conn.prepare("SELECT $1::int AS one")
+            for i in range(2):
+                assert await stmt.fetchval(i) == i
+            with pytest.raises(asyncpg.PostgresError) as ei:
+                await stmt.fetchval(3)
+            assert ei.value.sqlstate == "53400"
+            assert "per-user limit for 'analyst'" in str(ei.value)
+            # The refusal ends that Execute's batch only: the session is usable (and still
+            # limited, so it is refused again rather than hanging or desynchronising).
+            with pytest.raises(asyncpg.PostgresError) as ei2:
+                await conn.fetchval("SELECT 2")
+            assert ei2.value.sqlstate == "53400"
+            assert conn.is_closed() is False
+        finally:
+            await conn.close()
+        await p.runtime.audit.flush()
+        recs = await p.runtime.audit.store.query(user="analyst", decision="rate_limited", limit=10)
+        wire = [r for r in recs if r.door == "wire" and r.rule == "rate-limit:user"]
+        assert len(wire) >= 2
     finally:
         await server.stop(grace_s=1)

@@ -111,11 +111,17 @@ class RateLimiter:
 
     async def acquire(self, user: str, roles: frozenset[str], database: str | None) -> None:
         """Admit the request or raise RateLimited naming the level that refused."""
+        r = self.try_acquire(user, roles, database)
+        if r is not None:
+            await self.after_rejection(r, user, roles, database)
+
+    async def after_rejection(
+        self, r: Rejection, user: str, roles: frozenset[str], database: str | None
+    ) -> None:
+        """What ``acquire`` does when the local tier said no (``try_acquire`` returned ``r``):
+        borrow from the cluster, or raise RateLimited. A caller that must not await on the
+        common path checks ``try_acquire`` itself and comes here only when refused."""
         h = self.hierarchy
-        r = h.try_acquire(user, roles, database)
-        if r is None:
-            self.admitted += 1
-            return
         d = self.distributed
         if d is not None:
             # Local shares said no; the cluster may have budget other nodes do not use. Borrow

@@ -29,7 +29,10 @@ class RateLimitStage:
             # name is still limited globally and per user, and refused later.
             db = self.rt.config.current.resolve_database(req.database)
             try:
-                await rl.acquire(ident.name, ident.roles, db)
+                # The local check needs no await; only a refusal may ask the cluster.
+                r = rl.try_acquire(ident.name, ident.roles, db)
+                if r is not None:
+                    await rl.after_rejection(r, ident.name, ident.roles, db)
             finally:
                 req.stage_seconds[self.name] = time.perf_counter() - t
         await call_next(req)

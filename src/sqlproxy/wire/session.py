@@ -20,11 +20,12 @@ import logging
 import secrets
 import ssl
 import struct
+from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
 from sqlproxy.auth.users import Identity, _source_lock_key, _user_lock_key, parse_source_ip
-from sqlproxy.pipeline.errors import ProxyError, Unauthenticated, UpstreamError
+from sqlproxy.pipeline.errors import ProxyError, RateLimited, Unauthenticated, UpstreamError
 from sqlproxy.pipeline.request import Request
 from sqlproxy.protocol.errors import (
     AuthenticationFailed,
@@ -175,7 +176,7 @@ class WireSession(asyncio.Protocol, PumpOwner):
         self._cache: dict[tuple[bytes, bytes, tuple[str, ...] | None], Prepared] = {}
         self._cache_token: tuple[object, object] | None = None
         self._out: list[bytes] = []
-        self._audits: list[Request] = []
+        self._audits: deque[Request] = deque()
         # True while the session task waits for client bytes.
         self._reading = False
         # Extended-protocol messages forwarded since the last Sync, and whether any of them
@@ -602,10 +603,17 @@ class WireSession(asyncio.Protocol, PumpOwner):
         self._audits.append(req)
 
     async def _flush_audits(self) -> None:
-        audits, self._audits = self._audits, []
-        for req in audits:
-            await self.rt.audit_request(req)
-            self.rt.metrics.observe_request(req)
+        """Queue the audit records the Executes left. No await unless the audit queue is full;
+        a record taken off the list is queued even if the session is cancelled meanwhile, and
+        what is still on the list is flushed by the cleanup."""
+        rt = self.rt
+        audits = self._audits
+        while audits:
+            req = audits.popleft()
+            record = rt.audit_record(req)
+            rt.metrics.observe_request(req)
+            if not rt.audit.try_enqueue(record):
+                await asyncio.shield(rt.audit.enqueue(record))
 
     # -- the message loop ---------------------------------------------------------------------
     async def _serve(self) -> None:
@@ -618,7 +626,7 @@ class WireSession(asyncio.Protocol, PumpOwner):
             if raw is None:
                 if self._audits:
                     self._flush()
-                    await asyncio.shield(self._flush_audits())
+                    await self._flush_audits()
                     continue
                 await self._more()
                 continue
@@ -831,7 +839,9 @@ class WireSession(asyncio.Protocol, PumpOwner):
         elif t == _B:
             self._bind(be, payload)
         elif t == _E:
-            self._execute(be, payload)
+            if self.rt.rate_limiter.active and not await self._admit_execute(payload):
+                return
+            self._execute(self.be or be, payload)
         elif t == _S:
             self._sync()
         elif t == _D:
@@ -996,6 +1006,44 @@ class WireSession(asyncio.Protocol, PumpOwner):
             pump.expect(Exp(DESCRIBE_P))
             self._send(_frame(b"D", payload))
 
+    async def _admit_execute(self, payload: bytes) -> bool:
+        """Each Execute spends a rate-limit token, as a simple Query does (the statement was
+        decided once, at Parse). A refusal fails the batch up to Sync and is audited."""
+        p = self.portals.get(payload[: _nul(payload)])
+        ident = self.identity
+        if p is None or p.analysis is None or ident is None:
+            return True  # nothing runs (an empty statement, or the server reports the error)
+        rl = self.rt.rate_limiter
+        r = rl.try_acquire(ident.name, ident.roles, self.database)
+        if r is None:
+            return True
+        try:
+            await rl.after_rejection(r, ident.name, ident.roles, self.database)
+            return True
+        except RateLimited as e:
+            req = self._execute_request(p)
+            req.error = e
+            self._audits.append(req)
+            self._fail_batch(e)
+            return False
+
+    def _execute_request(self, p: Prepared) -> Request:
+        req = Request(
+            door="wire",
+            sql=p.sql,
+            source_ip=self.source_ip,
+            source_port=self.source_port,
+            database=self.database,
+            identity=self.identity,
+            search_path=p.search_path,
+        )
+        req.analysis = p.analysis
+        req.decision = p.decision
+        req.statements = p.statements
+        req.rewritten = p.rewritten
+        req.extra["protocol"] = "extended"
+        return req
+
     def _execute(self, be: BackendConnection, payload: bytes) -> None:
         pump = be.pump
         assert pump is not None
@@ -1003,20 +1051,7 @@ class WireSession(asyncio.Protocol, PumpOwner):
         p = self.portals.get(portal)
         req: Request | None = None
         if p is not None and p.analysis is not None:
-            req = Request(
-                door="wire",
-                sql=p.sql,
-                source_ip=self.source_ip,
-                source_port=self.source_port,
-                database=self.database,
-                identity=self.identity,
-                search_path=p.search_path,
-            )
-            req.analysis = p.analysis
-            req.decision = p.decision
-            req.statements = p.statements
-            req.rewritten = p.rewritten
-            req.extra["protocol"] = "extended"
+            req = self._execute_request(p)
             if p.pin:
                 self.pinned = True
             if p.sets:
