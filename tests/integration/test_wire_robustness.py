@@ -634,6 +634,23 @@ async def test_max_clients(wire_factory: WireFactory) -> None:
         await b.close()
 
 
+async def test_startup_timeout_is_configurable(wire_factory: WireFactory) -> None:
+    """A client that stops answering in the middle of its login is told so and disconnected
+    after ``startup_timeout_s``, and the slot it held is free again (max_clients 1 lets the
+    next one in)."""
+    h = await wire_factory(startup_timeout_s=0.5, max_clients=1)
+    raw = await RawClient.open(h.port)
+    raw.send(StartupMessage.build({"user": "analyst", "database": "demo"}).encode())
+    assert isinstance(await raw.recv(), AuthenticationSASL)  # admitted; it never answers
+    err = fatal(await raw.until_eof())
+    assert err.sqlstate == "08006"
+    assert "timeout expired during startup" in (err.message or "")
+    await raw.close()
+    async with await psycopg.AsyncConnection.connect(h.dsn("analyst"), autocommit=True) as conn:
+        cur = await conn.execute("SELECT 1")
+        assert await cur.fetchone() == (1,)
+
+
 async def test_idle_session_timeout(wire_factory: WireFactory) -> None:
     h = await wire_factory(idle_timeout_s=0.3)
     raw = await RawClient.open(h.port)

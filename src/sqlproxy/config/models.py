@@ -60,6 +60,9 @@ class WireConfig(Strict):
     idle_timeout_s: Annotated[float, Field(ge=0)] = 0.0  # 0 = never
     idle_in_transaction_timeout_s: Annotated[float, Field(ge=0)] = 0.0
     shutdown_grace_s: Annotated[float, Field(ge=0)] = 30.0
+    # As PostgreSQL's authentication_timeout: a client that has not finished TLS, startup and
+    # authentication within this many seconds is disconnected, giving its slot back.
+    startup_timeout_s: Annotated[float, Field(gt=0, le=600)] = 60.0
     # Server connections per database for wire clients; None uses the database's pool_max.
     server_pool_size: Annotated[int, Field(ge=1, le=10000)] | None = None
 

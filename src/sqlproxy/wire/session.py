@@ -99,8 +99,6 @@ _READY = {s: b"Z\x00\x00\x00\x05" + s.encode() for s in "ITE"}
 _FAIL_SQL = b"sqlproxy: statement refused by the proxy"
 _FAIL_QUERY = b"Q" + _U32.pack(len(_FAIL_SQL) + 5) + _FAIL_SQL + b"\0"
 _FAIL_PARSE_MSG = b"P" + _U32.pack(len(_FAIL_SQL) + 8) + b"\0" + _FAIL_SQL + b"\0\0\0"
-# As PostgreSQL's authentication_timeout: a client that stalls during startup gives its slot back.
-_STARTUP_TIMEOUT_S = 60.0
 _UNREPORTED_PARAMS = frozenset({"is_superuser", "session_authorization"})
 
 
@@ -293,7 +291,7 @@ class WireSession(asyncio.Protocol, PumpOwner):
     # -- lifecycle ---------------------------------------------------------------------------
     async def run(self) -> None:
         try:
-            if await asyncio.wait_for(self._startup(), _STARTUP_TIMEOUT_S):
+            if await asyncio.wait_for(self._startup(), self.cfg.startup_timeout_s):
                 await self._serve()
         except ClientGone:
             pass
