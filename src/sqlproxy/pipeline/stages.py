@@ -202,7 +202,8 @@ class PolicyStage:
 
 class RewriteStage:
     """Row filters and column masks are enforced by rewriting the real statement (with its
-    literals) before it is sent, identically for every door."""
+    literals) before it is sent, identically for every door. The rewrite is done once per
+    statement shape (sql/rewrite_cache.py) and the statement's constants spliced back in."""
 
     name = "rewrite"
 
@@ -216,7 +217,8 @@ class RewriteStage:
         texts = list(pg_parser.split(req.sql)) if len(req.analysis.statements) > 1 else [req.sql]
         directives = self.rt.rewrite_directives(req.decision)
         if directives:
-            from sqlproxy.sql.rewrite import RewriteError, rewrite
+            from sqlproxy.sql.rewrite import RewriteError
+            from sqlproxy.sql.rewrite_cache import SHARED as rewrite_cache
 
             catalog = req.upstream.catalog
             assert catalog is not None
@@ -227,7 +229,7 @@ class RewriteStage:
                 mine = {tn: d for tn, d in directives.items() if tn in touched}
                 if mine:
                     try:
-                        text = rewrite(text, mine, catalog, path, self.rt.mask_salt)
+                        text = rewrite_cache.rewrite(text, mine, catalog, path, self.rt.mask_salt)
                     except RewriteError as e:
                         raise Denied(
                             f"cannot apply row filter or mask: {e}", rule=req.decision.rule
