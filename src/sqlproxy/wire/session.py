@@ -119,9 +119,17 @@ class ForwardedError(UpstreamError):
     """The server's ErrorResponse (and ReadyForQuery) already reached the client."""
 
 
-def _resolve(fut: asyncio.Future[None]) -> None:
+def _resolve(fut: asyncio.Future[object]) -> None:
     if not fut.done():
         fut.set_result(None)
+
+
+_EXPIRED = object()
+
+
+def _expire(fut: asyncio.Future[object]) -> None:
+    if not fut.done():
+        fut.set_result(_EXPIRED)
 
 
 def _copy_over(call: SimpleCall, stats: CopyStats) -> Callable[[], bool]:
@@ -149,7 +157,7 @@ class WireSession(asyncio.Protocol, PumpOwner):
         self.transport: asyncio.Transport | None = None
         self.client_transport = None
         self.dec = FrontendDecoder(max_message_length=self.cfg.max_message_bytes)
-        self._waiter: asyncio.Future[None] | None = None
+        self._waiter: asyncio.Future[object] | None = None
         self._eof = False
         self.task: asyncio.Task[None] | None = None
         self.source_ip = "unknown"
@@ -254,24 +262,23 @@ class WireSession(asyncio.Protocol, PumpOwner):
             c = self.cfg
             timeout = c.idle_timeout_s if self.status == "I" else c.idle_in_transaction_timeout_s
         self._release_if_idle()
-        fut = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
         self._waiter = fut
         self._reading = True
+        # A timer handle rather than asyncio.wait_for: this runs once per client message.
+        timer = loop.call_later(timeout, _expire, fut) if timeout > 0 else None
         try:
-            if timeout > 0:
-                try:
-                    await asyncio.wait_for(fut, timeout)
-                except TimeoutError:
-                    if self.status == "I":
-                        raise Fatal("57P05", "terminating connection due to idle-session timeout") from None
-                    raise Fatal(
-                        "25P03", "terminating connection due to idle-in-transaction timeout"
-                    ) from None
-            else:
-                await fut
+            await fut
         finally:
             self._waiter = None
             self._reading = False
+            if timer is not None:
+                timer.cancel()
+        if fut.result() is _EXPIRED:
+            if self.status == "I":
+                raise Fatal("57P05", "terminating connection due to idle-session timeout")
+            raise Fatal("25P03", "terminating connection due to idle-in-transaction timeout")
         if self._eof and not self.dec.buffered:
             raise ClientGone
 
@@ -403,7 +410,7 @@ class WireSession(asyncio.Protocol, PumpOwner):
         app = params.get("application_name", "sqlproxy")
         if known is None or self.pinned or not (app.isascii() and app.isprintable() and len(app) < 64):
             be = await self._acquire()
-            ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            ready: asyncio.Future[object] = asyncio.get_running_loop().create_future()
             assert be.pump is not None
             if be.pump.pending:
                 be.pump.expect(Exp(HIDDEN, lambda _e: _resolve(ready)))
