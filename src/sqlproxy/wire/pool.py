@@ -50,16 +50,25 @@ class BackendPool:
     def in_use(self) -> int:
         return self.total - len(self.idle)
 
+    def take_idle(self) -> BackendConnection | None:
+        """An idle connection, most recently used first (its caches are warm), or None."""
+        if self.closed:
+            return None
+        idle = self.idle
+        while idle:
+            be = idle.pop()
+            if not be.closed:
+                return be
+            self._forget(be)
+        return None
+
     async def acquire(self) -> BackendConnection:
         while True:
             if self.closed:
                 raise UpstreamUnavailable("the proxy is shutting down")
-            idle = self.idle
-            while idle:
-                be = idle.pop()  # most recently used: its caches are warm
-                if not be.closed:
-                    return be
-                self._forget(be)
+            be = self.take_idle()
+            if be is not None:
+                return be
             if self.total < self.size:
                 self.total += 1
                 try:

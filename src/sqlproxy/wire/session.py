@@ -21,7 +21,7 @@ import secrets
 import ssl
 import struct
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, cast
 
 from sqlproxy.auth.users import Identity, _source_lock_key, _user_lock_key, parse_source_ip
@@ -54,6 +54,7 @@ from sqlproxy.protocol.messages import (
     StartupMessage,
 )
 from sqlproxy.protocol.scram import ScramServer, ScramVerifier
+from sqlproxy.ratelimit.hierarchy import Rejection
 from sqlproxy.sql.model import StatementKind
 from sqlproxy.wire.backend import BackendConnection
 from sqlproxy.wire.decide import Prepared, pins
@@ -527,8 +528,17 @@ class WireSession(asyncio.Protocol, PumpOwner):
 
     # -- server connections ------------------------------------------------------------------
     async def _acquire(self) -> BackendConnection:
-        assert self.pool is not None and self.settings is not None
-        be = await self.pool.acquire()
+        assert self.pool is not None
+        return self._attach(await self.pool.acquire())
+
+    def _acquire_idle(self) -> BackendConnection | None:
+        """A server connection without waiting, when the pool has an idle one."""
+        assert self.pool is not None
+        be = self.pool.take_idle()
+        return None if be is None else self._attach(be)
+
+    def _attach(self, be: BackendConnection) -> BackendConnection:
+        assert self.settings is not None
         pump = be.pump
         assert pump is not None
         pump.owner = self
@@ -640,7 +650,9 @@ class WireSession(asyncio.Protocol, PumpOwner):
                 self._flush()
                 await self._query(payload)
             elif t in _EXTENDED:
-                await self._extended(t, payload)
+                more = self._extended(t, payload)
+                if more is not None:
+                    await more
             elif t == _X:
                 return
             elif t == _F:
@@ -707,7 +719,7 @@ class WireSession(asyncio.Protocol, PumpOwner):
             be.settings_key = self.settings.key if exact else None
 
     async def _execute_simple(self, req: Request) -> None:
-        be = self.be or await self._acquire()
+        be = self.be or self._acquire_idle() or await self._acquire()
         pump = be.pump
         assert pump is not None
         call = SimpleCall(req.results, asyncio.get_running_loop())
@@ -812,7 +824,11 @@ class WireSession(asyncio.Protocol, PumpOwner):
             self._reply(err + _READY[self.status])
 
     # -- extended protocol --------------------------------------------------------------------
-    async def _extended(self, t: int, payload: bytes) -> None:
+    def _extended(self, t: int, payload: bytes) -> Coroutine[object, object, None] | None:
+        """Handle one extended-protocol message. Most need no await (a cached Parse, Bind,
+        Execute, Sync, ...): those are done here, synchronously; when one needs to wait (a
+        server connection, deciding a new statement, asking the cluster for rate-limit budget)
+        the rest is returned as a coroutine for the caller to await."""
         if self.discard:
             if t == _S:
                 self.discard = False
@@ -820,19 +836,32 @@ class WireSession(asyncio.Protocol, PumpOwner):
                     self._sync()
                 else:
                     self._write(_READY[self.status])
-            return
+            return None
         be = self.be
         if be is None:
             if t == _S:
                 self._write(_READY[self.status])
-                return
+                return None
             if t == _H:
-                return
-            be = await self._acquire()
+                return None
+            be = self._acquire_idle()
+            if be is None:
+                return self._extended_after_acquire(t, payload)
+        return self._extended_on(be, t, payload)
+
+    async def _extended_after_acquire(self, t: int, payload: bytes) -> None:
+        be = await self._acquire()
+        more = self._extended_on(be, t, payload)
+        if more is not None:
+            await more
+
+    def _extended_on(
+        self, be: BackendConnection, t: int, payload: bytes
+    ) -> Coroutine[object, object, None] | None:
         pump = be.pump
         assert pump is not None
         if pump.skipping and t != _S:
-            return  # the server skips to Sync after its error, and so do we
+            return None  # the server skips to Sync after its error, and so do we
         if t == _S:
             self._batch_open = self._batch_portal = False
         else:
@@ -840,13 +869,15 @@ class WireSession(asyncio.Protocol, PumpOwner):
             if t in (_B, _E) or (t == _D and payload[:1] == b"P"):
                 self._batch_portal = True
         if t == _P:
-            await self._parse(be, payload)
-        elif t == _B:
+            return self._parse(be, payload)
+        if t == _B:
             self._bind(be, payload)
         elif t == _E:
-            if self.rt.rate_limiter.active and not await self._admit_execute(payload):
-                return
-            self._execute(self.be or be, payload)
+            if self.rt.rate_limiter.active:
+                rejection = self._admit_execute(payload)
+                if rejection is not None:
+                    return self._execute_after_rejection(be, payload, *rejection)
+            self._execute(be, payload)
         elif t == _S:
             self._sync()
         elif t == _D:
@@ -856,6 +887,7 @@ class WireSession(asyncio.Protocol, PumpOwner):
         elif t == _H:
             self._send(b"H\x00\x00\x00\x04")
             self._flush()
+        return None
 
     def _sync(self) -> None:
         be = self.be
@@ -876,16 +908,21 @@ class WireSession(asyncio.Protocol, PumpOwner):
         be.pump.expect(Exp(FAIL_PARSE, client_name=b""))
         self._send(_FAIL_PARSE_MSG)
 
-    async def _lookup(self, sql_b: bytes, types: bytes) -> Prepared:
+    def _cached(self, sql_b: bytes, types: bytes) -> Prepared | None:
+        """The session's decision for this statement text, if it made one under the current
+        policy and catalog snapshot."""
         up = self.rt.upstreams.get(self.database or "")
         token = (self.rt.policy, up.catalog if up is not None else None)
         if token != self._cache_token:
             self._cache.clear()
             self._cache_token = token
-        key = (sql_b, types, self.search_path)
-        p = self._cache.get(key)
+        return self._cache.get((sql_b, types, self.search_path))
+
+    async def _lookup(self, sql_b: bytes, types: bytes) -> Prepared:
+        p = self._cached(sql_b, types)
         if p is not None:
             return p
+        key = (sql_b, types, self.search_path)
         self._flush()
         try:
             sql = sql_b.decode("utf-8")
@@ -911,16 +948,26 @@ class WireSession(asyncio.Protocol, PumpOwner):
         self._cache[key] = p
         return p
 
-    async def _parse(self, be: BackendConnection, payload: bytes) -> None:
+    def _parse(self, be: BackendConnection, payload: bytes) -> Coroutine[object, object, None] | None:
         i = _nul(payload)
         j = _nul(payload, i + 1)
         name = payload[:i]
+        sql_b, types = payload[i + 1 : j], payload[j + 1 :]
+        p = self._cached(sql_b, types)
+        if p is None:
+            return self._parse_new(be, name, sql_b, types)
+        self._parse_as(be, name, p)
+        return None
+
+    async def _parse_new(self, be: BackendConnection, name: bytes, sql_b: bytes, types: bytes) -> None:
         try:
-            p = await self._lookup(payload[i + 1 : j], payload[j + 1 :])
+            p = await self._lookup(sql_b, types)
         except ProxyError as e:
             self._fail_batch(e)
             return
-        be = self.be or be
+        self._parse_as(self.be or be, name, p)
+
+    def _parse_as(self, be: BackendConnection, name: bytes, p: Prepared) -> None:
         pump = be.pump
         assert pump is not None
         if name:
@@ -1011,26 +1058,33 @@ class WireSession(asyncio.Protocol, PumpOwner):
             pump.expect(Exp(DESCRIBE_P))
             self._send(_frame(b"D", payload))
 
-    async def _admit_execute(self, payload: bytes) -> bool:
+    def _admit_execute(self, payload: bytes) -> tuple[Prepared, Rejection] | None:
         """Each Execute spends a rate-limit token, as a simple Query does (the statement was
-        decided once, at Parse). A refusal fails the batch up to Sync and is audited."""
+        decided once, at Parse). None when admitted by the local tier, else what the slow
+        path (``_execute_after_rejection``) needs."""
         p = self.portals.get(payload[: _nul(payload)])
         ident = self.identity
         if p is None or p.analysis is None or ident is None:
-            return True  # nothing runs (an empty statement, or the server reports the error)
-        rl = self.rt.rate_limiter
-        r = rl.try_acquire(ident.name, ident.roles, self.database)
-        if r is None:
-            return True
+            return None  # nothing runs (an empty statement, or the server reports the error)
+        r = self.rt.rate_limiter.try_acquire(ident.name, ident.roles, self.database)
+        return None if r is None else (p, r)
+
+    async def _execute_after_rejection(
+        self, be: BackendConnection, payload: bytes, p: Prepared, r: Rejection
+    ) -> None:
+        """The local tier refused: the cluster may still lend budget. A refusal fails the
+        batch up to Sync and is audited."""
+        ident = self.identity
+        assert ident is not None
         try:
-            await rl.after_rejection(r, ident.name, ident.roles, self.database)
-            return True
+            await self.rt.rate_limiter.after_rejection(r, ident.name, ident.roles, self.database)
         except RateLimited as e:
             req = self._execute_request(p)
             req.error = e
             self._audits.append(req)
             self._fail_batch(e)
-            return False
+            return
+        self._execute(self.be or be, payload)
 
     def _execute_request(self, p: Prepared) -> Request:
         req = Request(
