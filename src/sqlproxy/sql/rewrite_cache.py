@@ -196,16 +196,23 @@ def _same_statement(a: str, b: str) -> bool:
 class RewriteCache:
     """``rewrite()`` memoized per statement shape; see the module docstring."""
 
-    def __init__(self, max_entries: int = 4096, max_statement_chars: int = 20_000) -> None:
+    def __init__(
+        self, max_entries: int = 4096, max_chars: int = 8_000_000, max_statement_chars: int = 20_000
+    ) -> None:
         self.max_entries = max_entries
+        self.max_chars = max_chars  # shape texts and rewritten shapes held, all entries together
         self.max_statement_chars = max_statement_chars
         self._entries: OrderedDict[tuple[object, ...], object] = OrderedDict()
+        self._sizes: dict[tuple[object, ...], int] = {}
+        self._chars = 0
         self.hits = 0
         self.misses = 0
         self.fallbacks = 0
 
     def clear(self) -> None:
         self._entries.clear()
+        self._sizes.clear()
+        self._chars = 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -262,9 +269,20 @@ class RewriteCache:
         return rewrite(sql, directives, catalog, search_path, mask_salt)
 
     def _store(self, key: tuple[object, ...], entry: object) -> None:
+        shape = key[0]
+        assert isinstance(shape, str)
+        size = len(shape) + (
+            sum(map(len, entry.segments)) + sum(map(len, entry.fragments)) if isinstance(entry, _Shape) else 0
+        )
+        self._chars += size - self._sizes.get(key, 0)
+        self._sizes[key] = size
         self._entries[key] = entry
-        while len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.max_entries or (
+            self._chars > self.max_chars and len(self._entries) > 1
+        ):
+            old, _ = self._entries.popitem(last=False)
+            self._chars -= self._sizes.pop(old)
 
     def _verify(
         self,
@@ -284,7 +302,7 @@ class RewriteCache:
             entry.verified = True
         else:
             log.warning("rewrite cache: shape %r does not reproduce the direct rewrite; not cached", key[0])
-            self._entries[key] = _UNCACHEABLE
+            self._store(key, _UNCACHEABLE)
 
     @staticmethod
     def _build(
