@@ -15,7 +15,7 @@ from typing import Any
 
 from sqlproxy.audit.chain import load_or_create_key
 from sqlproxy.audit.configured import store_from_config
-from sqlproxy.audit.record import AuditRecord
+from sqlproxy.audit.record import AuditRecord, Shared, shared_list, shared_strs
 from sqlproxy.audit.sinks import JsonlSink
 from sqlproxy.audit.writer import AuditWriter
 from sqlproxy.auth.users import UserDirectory
@@ -36,10 +36,13 @@ from sqlproxy.stream.hub import StreamHub
 
 log = logging.getLogger(__name__)
 
-# statement_kinds, relations and columns of an audit record.
-_AuditParts = tuple[list[str], list[dict[str, Any]], list[str]]
-_NO_PARTS: _AuditParts = ([], [], [])
+# statement_kinds, relations and columns of an audit record, made once per analysis.
+_AuditParts = tuple[Shared, Shared, Shared]
+_NO_PARTS: _AuditParts = (shared_strs(()), shared_list(()), shared_strs(()))
 _AUDIT_PARTS_MAX = 4096
+# The roles of an audit record, per set of roles.
+_NO_ROLES = shared_strs(())
+_AUDIT_ROLES_MAX = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +92,7 @@ class Runtime:
         # once per analysis object: the analysis cache hands the same object to every statement
         # of one shape. Keyed by id(); each entry holds its analysis, so the id stays its own.
         self._audit_parts: dict[int, tuple[Analysis, _AuditParts]] = {}
+        self._audit_roles: dict[frozenset[str], Shared] = {}
 
     def _stages(self) -> list[Stage]:
         return standard_stages(self)  # type: ignore[return-value]
@@ -202,22 +206,30 @@ class Runtime:
         return await self.pipeline.run(req)
 
     def _analysis_audit_parts(self, a: Analysis) -> _AuditParts:
-        # The lists are shared between records: AuditRecord copies what it is given.
+        # Shared between records, with their JSON text: no one may change them.
         hit = self._audit_parts.get(id(a))
         if hit is not None and hit[0] is a:
             return hit[1]
         parts: _AuditParts = (
-            [str(k) for k in a.kinds],
-            [
+            shared_strs(a.kinds),
+            shared_list(
                 {"table": r.table.qualified, "access": str(r.access), "columns": sorted(r.columns)}
                 for r in a.relations
-            ],
-            [o.name for st in a.statements for o in st.outputs],
+            ),
+            shared_strs(o.name for st in a.statements for o in st.outputs),
         )
         if len(self._audit_parts) >= _AUDIT_PARTS_MAX:
             self._audit_parts.clear()
         self._audit_parts[id(a)] = (a, parts)
         return parts
+
+    def _audit_roles_of(self, roles: frozenset[str]) -> Shared:
+        hit = self._audit_roles.get(roles)
+        if hit is None:
+            if len(self._audit_roles) >= _AUDIT_ROLES_MAX:
+                self._audit_roles.clear()
+            hit = self._audit_roles[roles] = shared_strs(sorted(roles))
+        return hit
 
     async def audit_request(self, req: Request) -> None:
         """Queue the audit record of ``req`` (waiting only while the audit queue is full)."""
@@ -227,12 +239,12 @@ class Runtime:
 
     def audit_record(self, req: Request) -> AuditRecord:
         """The audit record of ``req`` as it stands."""
-        cfg = self.config.current
         ident = req.identity
         a = req.analysis
         err = req.error
-        results = req.results
+        decision = req.decision
         rows: int | None = None
+        results = req.results
         if results:
             rows = sum(r.row_count for r in results)
         classifications: dict[str, list[str]] = {}
@@ -240,44 +252,49 @@ class Runtime:
             for col, labels in per_stmt.items():
                 if labels:
                     classifications[col] = sorted(set(classifications.get(col, [])) | set(labels))
-        if req.sql is None:
-            sql_text = None
-        elif cfg.audit.redact_literals and a is not None:
-            sql_text = a.normalized
-        elif cfg.audit.redact_literals:
-            sql_text = "<unparsed: redacted>"
-        else:
-            sql_text = req.sql
-        decision = req.decision
-        extra = dict(req.extra)
-        if req.dry_run:
-            extra["dry_run"] = True
-        if req.rewritten:
-            extra["rewritten"] = True
+        sql_text = req.sql
+        if sql_text is not None and self.config.current.audit.redact_literals:
+            sql_text = a.normalized if a is not None else "<unparsed: redacted>"
+        extra = req.extra
+        if req.dry_run or req.rewritten:
+            extra = dict(extra)
+            if req.dry_run:
+                extra["dry_run"] = True
+            if req.rewritten:
+                extra["rewritten"] = True
         parts = self._analysis_audit_parts(a) if a is not None else _NO_PARTS
-        outcome = "allow" if err is None else err.decision
-        rule = err.rule if err is not None and err.rule else (decision.rule if decision is not None else None)
-        record = AuditRecord.new(
-            id=req.id,
-            user=ident.name if ident is not None else None,
-            roles=sorted(ident.roles) if ident is not None else [],
-            source=req.source,
-            door=req.door,
-            database=req.database,
-            sql=sql_text,
-            fingerprint=a.fingerprint if a is not None else None,
-            statement_kinds=parts[0],
-            relations=parts[1],
-            columns=parts[2],
-            decision=outcome,
-            rule=rule,
-            reason=(err.message if err is not None else (decision.reason if decision is not None else None)),
-            rows=rows,
-            duration_ms=round(req.elapsed_ms, 3),
-            classifications=classifications,
-            sqlstate=err.sqlstate if err is not None else None,
-            error=err.message if err is not None else None,
-            extra=extra,
+        if err is None:
+            outcome = "allow"
+            rule = decision.rule if decision is not None else None
+            reason = decision.reason if decision is not None else None
+            sqlstate = message = None
+        else:
+            outcome = err.decision
+            rule = err.rule if err.rule else (decision.rule if decision is not None else None)
+            reason = message = err.message
+            sqlstate = err.sqlstate
+        # Sealed into the chain by the writer's drain task, off the request's path. build makes
+        # the record AuditRecord.new would make (and copies extra and classifications).
+        return AuditRecord.build(
+            req.id,
+            None,
+            ident.name if ident is not None else None,
+            self._audit_roles_of(ident.roles) if ident is not None else _NO_ROLES,
+            req.source,
+            req.door,
+            req.database,
+            sql_text,
+            a.fingerprint if a is not None else None,
+            parts[0],
+            parts[1],
+            parts[2],
+            outcome,
+            rule,
+            reason,
+            rows,
+            round(req.elapsed_ms, 3),
+            classifications,
+            sqlstate,
+            message,
+            extra,
         )
-        # Sealed into the chain by the writer's drain task, off the request's path.
-        return record

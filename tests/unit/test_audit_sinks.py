@@ -171,6 +171,48 @@ async def test_store_query_filters(tmp_path: Path) -> None:
         await store.close()
 
 
+async def test_store_rows_hold_the_hashed_json_text(tmp_path: Path) -> None:
+    store, records = await stored(tmp_path, 3)
+    await store.close()
+    conn = sqlite3.connect(tmp_path / "audit.db")
+    try:
+        for r in records:
+            row = conn.execute(
+                "SELECT roles, statement_kinds, relations, columns, classifications, extra, sql, hash "
+                "FROM audit_records WHERE seq = ?",
+                (r.seq,),
+            ).fetchone()
+            d = r.to_dict()
+            names = ("roles", "statement_kinds", "relations", "columns", "classifications", "extra")
+            assert row[:6] == tuple(
+                json.dumps(d[n], sort_keys=True, separators=(",", ":"), ensure_ascii=False) for n in names
+            )
+            assert row[6:] == (r.sql, r.hash)
+    finally:
+        conn.close()
+
+
+async def test_store_made_with_the_id_index_opens_and_loses_it(tmp_path: Path) -> None:
+    """Files made by earlier versions have an index on "id" that nothing reads; it is dropped on
+    opening and the records stay as they were."""
+    store, records = await stored(tmp_path, 4)
+    await store.close()
+    db_exec(tmp_path / "audit.db", ('CREATE INDEX audit_records_id ON audit_records ("id")', ()))
+    reopened = SqliteStore(tmp_path / "audit.db")
+    try:
+        await reopened.write_batch(sealed(2, Chain(KEY, ChainState(4, records[-1].hash))))
+        assert [r.seq for r in await reopened.get_after(0)] == [1, 2, 3, 4, 5, 6]
+        assert [r.seq for r in await reopened.query(user="alice", after_seq=2)] == [3, 4, 5, 6]
+        assert (await verify_store(reopened, KEY)).ok
+    finally:
+        await reopened.close()
+    conn = sqlite3.connect(tmp_path / "audit.db")
+    names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    conn.close()
+    assert "audit_records_id" not in names
+    assert {"audit_records_ts", "audit_records_user", "audit_records_decision"} <= names
+
+
 # -- tampering with the SQLite store ------------------------------------------------------------
 
 

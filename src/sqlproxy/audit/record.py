@@ -78,11 +78,10 @@ def utc_now_iso() -> str:
     global _ts_cache
     now = time.time()
     sec = int(now)
-    micro = int((now - sec) * 1_000_000)
     cached = _ts_cache
     if cached[0] != sec:
         cached = _ts_cache = (sec, time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(sec)))
-    return f"{cached[1]}{micro:06d}Z"
+    return f"{cached[1]}{int((now - sec) * 1_000_000):06d}Z"
 
 
 _ts_cache: tuple[int, str] = (-1, "")
@@ -211,6 +210,29 @@ def json_value(v: Any) -> str:
     return _ENCODE(v)
 
 
+@dataclass(frozen=True, slots=True)
+class Shared:
+    """A list value as a record holds it (normalised as ``AuditRecord.__post_init__`` does), with
+    its JSON text: made once and given to every ``AuditRecord.build`` of one statement shape or
+    one set of roles. Neither ``value`` nor anything in it may change afterwards: records hold
+    it as it is, and are sealed with ``text``."""
+
+    value: Any
+    text: str
+
+
+def shared_strs(values: Any) -> Shared:
+    """A ``Shared`` list of strings (roles, statement kinds, output columns): ``str`` of each."""
+    value = [str(v) for v in values]
+    return Shared(value, json_value(value))
+
+
+def shared_list(values: Any) -> Shared:
+    """A ``Shared`` list of JSON data (relations), normalised as the record normalises it."""
+    value = _json_roundtrip(list(values))
+    return Shared(value, json_value(value))
+
+
 @dataclass(frozen=True, slots=True, eq=True)
 class AuditRecord:
     id: str
@@ -237,10 +259,16 @@ class AuditRecord:
     seq: int = 0
     prev_hash: str = ""
     hash: str = ""
-    # Not part of the record: the JSON text of each field, set by ``seal`` from the same text it
-    # hashes, so the sinks write what was hashed without serializing the record again. Never
-    # copied by ``dataclasses.replace`` (a changed record is encoded afresh), not compared.
-    _json: RecordJson | None = field(default=None, init=False, repr=False, compare=False)
+    # Not part of the record: the JSONL line and the store row, set by ``seal`` from the same
+    # text it hashes, so the sinks write what was hashed without serializing the record again.
+    # Never copied by ``dataclasses.replace`` (a changed record is encoded afresh), not compared.
+    # A tuple (line, row): the JSONL line (UTF-8, with its newline) and the store row
+    # (``STORE_COLUMNS`` order, the JSON columns holding the text that was hashed).
+    _json: tuple[bytes, tuple[Any, ...]] | None = field(default=None, init=False, repr=False, compare=False)
+    # Not part of the record either: the JSON text of roles, statement_kinds, relations and
+    # columns when ``build`` took them from ``Shared`` values, so sealing does not encode again
+    # what every record of one statement shape holds. Same rules as ``_json``.
+    _shared: tuple[str, str, str, str] | None = field(default=None, init=False, repr=False, compare=False)
 
     # A frozen dataclass with list fields would get a __hash__ that raises; say so up front.
     __hash__ = None  # type: ignore[assignment]
@@ -311,6 +339,70 @@ class AuditRecord:
             extra=extra or {},
         )
 
+    @classmethod
+    def build(
+        cls,
+        id: str | None,
+        ts: str | None,
+        user: str | None,
+        roles: Shared,
+        source: str,
+        door: str,
+        database: str | None,
+        sql: str | None,
+        fingerprint: str | None,
+        statement_kinds: Shared,
+        relations: Shared,
+        columns: Shared,
+        decision: str,
+        rule: str | None,
+        reason: str | None,
+        rows: int | None,
+        duration_ms: float,
+        classifications: dict[str, list[str]],
+        sqlstate: str | None,
+        error: str | None,
+        extra: dict[str, Any],
+    ) -> AuditRecord:
+        """``new`` for the request path: the same record (equal, and sealed to the same bytes),
+        with roles, statement_kinds, relations and columns given as ``Shared`` values, which were
+        normalised when made and whose JSON text sealing reuses. The record holds the shared
+        lists themselves: no one may change them. Arguments in field order."""
+        if not math.isfinite(duration_ms):
+            raise ValueError("audit record: duration_ms must be finite")
+        self = object.__new__(cls)
+        set_ = object.__setattr__
+        set_(self, "id", id or new_id())
+        set_(self, "ts", ts or utc_now_iso())
+        set_(self, "user", user)
+        set_(self, "roles", roles.value)
+        set_(self, "source", source)
+        set_(self, "door", door)
+        set_(self, "database", database)
+        set_(self, "sql", sql)
+        set_(self, "fingerprint", fingerprint)
+        set_(self, "statement_kinds", statement_kinds.value)
+        set_(self, "relations", relations.value)
+        set_(self, "columns", columns.value)
+        set_(self, "decision", decision)
+        set_(self, "rule", rule)
+        set_(self, "reason", reason)
+        set_(self, "rows", rows)
+        set_(self, "duration_ms", float(duration_ms))
+        # As __post_init__ normalises them.
+        c = classifications
+        set_(self, "classifications", {} if type(c) is dict and not c else _json_roundtrip(dict(c)))
+        set_(self, "sqlstate", sqlstate)
+        set_(self, "error", error)
+        e = extra
+        set_(self, "extra", {} if type(e) is dict and not e else _json_roundtrip(drop_secrets(dict(e))))
+        set_(self, "seq", 0)
+        set_(self, "prev_hash", "")
+        set_(self, "hash", "")
+        set_(self, "_json", None)
+        set_(self, "_shared", (roles.text, statement_kinds.text, relations.text, columns.text))
+        return self
+
     def with_chain(self, seq: int, prev_hash: str, hash: str) -> AuditRecord:
         # Not dataclasses.replace: that re-runs __post_init__, whose JSON normalisation has
         # already been done once for this record (it is on every request's path). Not
@@ -323,14 +415,28 @@ class AuditRecord:
         object.__setattr__(new, "prev_hash", prev_hash)
         object.__setattr__(new, "hash", hash)
         object.__setattr__(new, "_json", None)
+        object.__setattr__(new, "_shared", self._shared)
         return new
 
     def field_json(self) -> dict[str, str]:
         """The JSON text of each field (``json_value``), as ``to_json`` writes it."""
+        return {name: json_value(getattr(self, name)) for name in _FIELD_NAMES}
+
+    def store_row(self) -> tuple[Any, ...]:
+        """The record as a row of ``STORE_COLUMNS``, the JSON columns as JSON text (for a sealed
+        record, the text that was hashed)."""
         enc = self._json
         if enc is not None:
-            return enc.fields
-        return {name: json_value(getattr(self, name)) for name in _FIELD_NAMES}
+            return enc[1]
+        texts = self.field_json()
+        return tuple(texts[c] if c in STORE_JSON_COLUMNS else getattr(self, c) for c in STORE_COLUMNS)
+
+    def jsonl_line(self) -> bytes:
+        """``to_json`` as a UTF-8 line with its newline, as the JSONL sink writes it."""
+        enc = self._json
+        if enc is not None:
+            return enc[0]
+        return (_ENCODE(self.to_dict()) + "\n").encode("utf-8")
 
     def to_dict(self) -> dict[str, Any]:
         # Shallow: the nested values were normalised to plain JSON data in __post_init__ and a
@@ -350,7 +456,7 @@ class AuditRecord:
         """The record as one JSON object with sorted keys and no spaces (the JSONL line)."""
         enc = self._json
         if enc is not None:
-            return enc.line
+            return enc[0][:-1].decode("utf-8")
         return _ENCODE(self.to_dict())
 
     @classmethod
@@ -408,7 +514,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
 }
 
 
-_FIELD_NAMES = tuple(f.name for f in fields(AuditRecord) if f.name != "_json")
+_FIELD_NAMES = tuple(f.name for f in fields(AuditRecord) if not f.name.startswith("_"))
 # Sorted as json.dumps(sort_keys=True) orders them, split around "hash" (not hashed).
 _SORTED = sorted(_FIELD_NAMES)
 _BEFORE_HASH = tuple(n for n in _SORTED if n < "hash")
@@ -419,34 +525,141 @@ _LINKED_NAMES = tuple(n for n in _FIELD_NAMES if n not in ("seq", "prev_hash", "
 _get_linked = operator.attrgetter(*_LINKED_NAMES)
 
 
-@dataclass(frozen=True, slots=True)
-class RecordJson:
-    """A sealed record's JSON: each field's text, and the JSONL line built from them."""
+# encode_linked writes the members out in this order; checked against the fields here so that a
+# field added to AuditRecord cannot be left out of the hash unnoticed.
+if _BEFORE_HASH != (
+    "classifications",
+    "columns",
+    "database",
+    "decision",
+    "door",
+    "duration_ms",
+    "error",
+    "extra",
+    "fingerprint",
+) or _AFTER_HASH != (
+    "id",
+    "prev_hash",
+    "reason",
+    "relations",
+    "roles",
+    "rows",
+    "rule",
+    "seq",
+    "source",
+    "sql",
+    "sqlstate",
+    "statement_kinds",
+    "ts",
+    "user",
+):
+    raise AssertionError("AuditRecord fields changed: update encode_linked")
+# The object text before and after the hash member, "%s" for each value in key order.
+_HEAD_FMT = "{" + ",".join(_KEY[n].replace("%", "%%") + "%s" for n in _BEFORE_HASH)
+_TAIL_FMT = ",".join(_KEY[n].replace("%", "%%") + "%s" for n in _AFTER_HASH) + "}"
 
-    fields: dict[str, str]
-    line: str
+
+def encode_linked(record: AuditRecord, seq: int, prev_hash: str) -> tuple[bytes, bytes, tuple[Any, ...]]:
+    """``record`` as it will be once linked at ``seq`` after ``prev_hash``, encoded: the UTF-8
+    JSON object text before the ``hash`` member and after it, and the store row but its last
+    column (the hash). The canonical bytes the chain hashes are ``head + b"," + tail``; the
+    JSONL line is the same with the hash member between them. Both are exactly what
+    ``json.dumps(sort_keys=True)`` makes of the record (members in key order, each value as
+    ``json_value`` encodes it), which the tests pin. Raises ValueError (UnicodeEncodeError) for
+    text UTF-8 cannot hold, as ``canonical`` does."""
+    (
+        id_,
+        ts,
+        user,
+        roles,
+        source,
+        door,
+        database,
+        sql,
+        fingerprint,
+        kinds,
+        relations,
+        columns,
+        decision,
+        rule,
+        reason,
+        rows,
+        duration,
+        classifications,
+        sqlstate,
+        error,
+        extra,
+    ) = _get_linked(record)
+    enc = _ENCODE_STR
+    jv = json_value
+    shared = record._shared
+    if shared is None:
+        roles_j, kinds_j, rel_j, cols_j = jv(roles), jv(kinds), jv(relations), jv(columns)
+    else:
+        roles_j, kinds_j, rel_j, cols_j = shared
+    # Each value as json_value encodes it, the usual types inline (a call per field costs more).
+    cls_j = "{}" if type(classifications) is dict and not classifications else jv(classifications)
+    extra_j = "{}" if type(extra) is dict and not extra else jv(extra)
+    head = _HEAD_FMT % (
+        cls_j,
+        cols_j,
+        "null" if database is None else enc(database) if type(database) is str else jv(database),
+        enc(decision) if type(decision) is str else jv(decision),
+        enc(door) if type(door) is str else jv(door),
+        repr(duration) if type(duration) is float and duration - duration == 0.0 else jv(duration),
+        "null" if error is None else enc(error) if type(error) is str else jv(error),
+        extra_j,
+        "null" if fingerprint is None else enc(fingerprint) if type(fingerprint) is str else jv(fingerprint),
+    )
+    tail = _TAIL_FMT % (
+        enc(id_) if type(id_) is str else jv(id_),
+        enc(prev_hash) if type(prev_hash) is str else jv(prev_hash),
+        "null" if reason is None else enc(reason) if type(reason) is str else jv(reason),
+        rel_j,
+        roles_j,
+        "null" if rows is None else repr(rows) if type(rows) is int else jv(rows),
+        "null" if rule is None else enc(rule) if type(rule) is str else jv(rule),
+        repr(seq) if type(seq) is int else jv(seq),
+        enc(source) if type(source) is str else jv(source),
+        "null" if sql is None else enc(sql) if type(sql) is str else jv(sql),
+        "null" if sqlstate is None else enc(sqlstate) if type(sqlstate) is str else jv(sqlstate),
+        kinds_j,
+        enc(ts) if type(ts) is str else jv(ts),
+        "null" if user is None else enc(user) if type(user) is str else jv(user),
+    )
+    row = (
+        seq,
+        id_,
+        ts,
+        user,
+        roles_j,
+        source,
+        door,
+        database,
+        sql,
+        fingerprint,
+        kinds_j,
+        rel_j,
+        cols_j,
+        decision,
+        rule,
+        reason,
+        rows,
+        duration,
+        cls_j,
+        sqlstate,
+        error,
+        extra_j,
+        prev_hash,
+    )
+    return head.encode("utf-8"), tail.encode("utf-8"), row
 
 
-def encode_linked(record: AuditRecord, seq: int, prev_hash: str) -> tuple[dict[str, str], str, str]:
-    """``record`` as it will be once linked at ``seq`` after ``prev_hash``: the JSON text of each
-    field but ``hash``, and the JSON object text before and after the ``hash`` member. The
-    canonical bytes the chain hashes are ``"{" + head + "," + tail + "}"``; the JSONL line is the
-    same with the hash member between them (both exactly what ``json.dumps(sort_keys=True)``
-    makes of the record: members in key order, each value encoded alike)."""
-    vals = dict(zip(_LINKED_NAMES, map(json_value, _get_linked(record)), strict=True))
-    vals["seq"] = int.__repr__(seq)
-    vals["prev_hash"] = _ENCODE_STR(prev_hash)
-    head = ",".join([_KEY[n] + vals[n] for n in _BEFORE_HASH])
-    tail = ",".join([_KEY[n] + vals[n] for n in _AFTER_HASH])
-    return vals, head, tail
-
-
-def attach_json(record: AuditRecord, vals: dict[str, str], head: str, tail: str) -> None:
+def attach_json(record: AuditRecord, head: bytes, tail: bytes, row: tuple[Any, ...]) -> None:
     """Give a sealed ``record`` the encoding ``encode_linked`` made for it."""
     h = record.hash
-    vals["hash"] = _ENCODE_STR(h)
-    line = "{" + head + ',"hash":' + vals["hash"] + "," + tail + "}"
-    object.__setattr__(record, "_json", RecordJson(vals, line))
+    line = b"".join((head, b',"hash":', _ENCODE_STR(h).encode("utf-8"), b",", tail, b"\n"))
+    object.__setattr__(record, "_json", (line, (*row, h)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -488,3 +701,7 @@ STORE_COLUMNS = (
 STORE_JSON_COLUMNS = frozenset(
     {"roles", "statement_kinds", "relations", "columns", "classifications", "extra"}
 )
+
+# encode_linked builds the store row in this order.
+if ("seq", *_LINKED_NAMES, "prev_hash", "hash") != STORE_COLUMNS:
+    raise AssertionError("STORE_COLUMNS changed: update encode_linked")
