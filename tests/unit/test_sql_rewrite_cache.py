@@ -67,6 +67,18 @@ TEMPLATES = [
     "SELECT * FROM customers WHERE id = {} AND {} AND NOT {}",
     'SELECT name AS "naïve" /* é */, {} FROM customers WHERE name = {} AND email = {}',
     "SELECT * FROM customers WHERE id = {} OR id = {} OR name = {} OR name = {} OR id = {}",
+    "SELECT * FROM customers WHERE name LIKE {} ESCAPE {} AND now() AT TIME ZONE {} > DATE {} - interval {}",
+    "SELECT * FROM customers WHERE id IN (SELECT customer_id FROM orders "
+    "WHERE total BETWEEN {} AND {} AND created_at > TIMESTAMP {})",
+    "INSERT INTO customers (id, name) VALUES ({}, {}), ({}, {}) RETURNING email, {}",
+    "SELECT * FROM customers TABLESAMPLE SYSTEM ({}) REPEATABLE ({}) WHERE id = {}",
+    "SELECT {} + id, -{}, - {}, id - {}, id-{}, {}-id FROM customers",
+    "SELECT substring(email FROM {} FOR {}), {} || name, position({} IN name) FROM customers",
+    "SELECT * FROM customers WHERE id = {} FOR UPDATE",
+    "EXPLAIN SELECT * FROM customers WHERE id = {}",
+    "SELECT count(*) FILTER (WHERE id > {}) OVER (), ({}::int[])[1], (ARRAY[{}, {}])[1] FROM customers",
+    "SELECT * FROM customers WHERE (id, name) IN (({}, {}), ({}, {})) AND email ~ {}",
+    "SELECT * FROM customers WHERE id = {}; ",
 ]
 
 LITERALS = [
