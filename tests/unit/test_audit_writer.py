@@ -240,6 +240,40 @@ async def test_failing_store_retry_does_not_duplicate(tmp_path: Path) -> None:
     assert report.ok and report.records == 5
 
 
+async def test_failing_sink_written_in_the_stores_thread_hop_is_retried_alone(tmp_path: Path) -> None:
+    """The store and the JSONL sink are written in one hop to a worker thread; when the sink
+    fails there, the store's write stands and only the sink is retried."""
+
+    class FlakyJsonl(JsonlSink):
+        left = 2
+        calls = 0
+
+        def _write_batch(self, records: list[AuditRecord]) -> None:
+            self.calls += 1
+            if self.left:
+                self.left -= 1
+                raise OSError("disk full")
+            super()._write_batch(records)
+
+    class CountingStore(SqliteStore):
+        batches = 0
+
+        def write_batch_sync(self, records: Sequence[AuditRecord]) -> None:
+            self.batches += 1
+            super().write_batch_sync(records)
+
+    db, jl = paths(tmp_path)
+    sink, store = FlakyJsonl(jl), CountingStore(db)
+    w = AuditWriter(sinks=[sink], store=store, key=KEY, queue_size=50, batch_size=50, retry_initial_s=0.0)
+    await w.start()
+    for i in range(5):
+        await w.submit(rec(i))
+    await w.close()
+    assert w.failures == 2 and w.written == 5
+    assert store.batches == 1 and sink.calls == 3
+    await full_check(tmp_path, 5)
+
+
 async def test_jsonl_sink_catches_up_from_store_after_missing_writes(tmp_path: Path) -> None:
     w = make_writer(tmp_path)
     await w.start()

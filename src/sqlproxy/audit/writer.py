@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 
 from sqlproxy.audit.chain import Chain, ChainState
 from sqlproxy.audit.record import AuditRecord, escaped_record
-from sqlproxy.audit.sinks import AuditStore, CatchUpSink, Sink
+from sqlproxy.audit.sinks import AuditStore, CatchUpSink, Sink, thread_writer
 
 log = logging.getLogger(__name__)
 
@@ -262,9 +262,7 @@ class AuditWriter:
             n = min(self.batch_size, len(self._pending))
             batch = [self._pending.popleft() for _ in range(n)]
             self._inflight = n
-            await self._write_with_retry(self.store, batch)
-            for sink in self.sinks:
-                await self._write_with_retry(sink, batch)
+            await self._write_everywhere(batch)
             async with self._cond:
                 self._inflight = 0
                 self.written += len(batch)
@@ -275,6 +273,45 @@ class AuditWriter:
                     cb(batch)
                 except Exception:
                     log.exception("audit listener %r failed", cb)
+
+    async def _write_everywhere(self, batch: Sequence[AuditRecord]) -> None:
+        """``batch`` to the store, then to each sink in order, each retried until it succeeds.
+        Consecutive targets that write in a worker thread anyway (``thread_writer``) are written
+        in one hop to the thread, not one each."""
+        targets: list[Sink] = [self.store, *self.sinks]
+        i = 0
+        delay = self._retry_initial_s
+        while i < len(targets):
+            fns = []
+            for t in targets[i:]:
+                fn = thread_writer(t)
+                if fn is None:
+                    break
+                fns.append(fn)
+            if not fns:
+                await self._write_with_retry(targets[i], batch)
+                i += 1
+                delay = self._retry_initial_s
+                continue
+            done, exc = await asyncio.to_thread(_write_in_order, fns, batch)
+            if done:
+                i += done
+                delay = self._retry_initial_s
+            if exc is not None:
+                self.failures += 1
+                log.error(
+                    "audit: writing seq %d..%d to %r failed; retrying in %.2fs",
+                    batch[0].seq,
+                    batch[-1].seq,
+                    targets[i],
+                    delay,
+                    exc_info=exc,
+                )
+                await asyncio.sleep(delay)
+                delay = self._next_delay(delay)
+
+    def _next_delay(self, delay: float) -> float:
+        return min(self._retry_max_s, max(delay * 2, 0.001)) if delay else 0.0
 
     async def _write_with_retry(self, target: Sink, batch: Sequence[AuditRecord]) -> None:
         delay = self._retry_initial_s
@@ -292,4 +329,17 @@ class AuditWriter:
                     delay,
                 )
                 await asyncio.sleep(delay)
-                delay = min(self._retry_max_s, max(delay * 2, 0.001)) if delay else 0.0
+                delay = self._next_delay(delay)
+
+
+def _write_in_order(
+    fns: Sequence[Callable[[Sequence[AuditRecord]], None]], batch: Sequence[AuditRecord]
+) -> tuple[int, Exception | None]:
+    """Run each of ``fns`` on ``batch`` in order until one fails: how many succeeded, and the
+    failure."""
+    for done, fn in enumerate(fns):
+        try:
+            fn(batch)
+        except Exception as e:
+            return done, e
+    return len(fns), None
