@@ -23,15 +23,19 @@ Where this cannot be shown to be exact it falls back to the direct rewrite, for 
 - constants other than unsigned / negative decimal numbers, '...' strings, E'...', B'...',
   X'...', dollar-quoted strings, TRUE, FALSE and NULL: U&'...' (UESCAPE), N'...' (libpg_query
   normalises it to ``N$1``, an identifier), 0x1F / 1_000 (newer numeric forms), a string
-  continued on the next line, a string followed by a comment;
-- a constant glued to the text around it (``x=-5``, ``a.5``): only whitespace, ``( , [ = < >``
-  (and ``+ - * / % ^ |`` before an unsigned constant) may precede it in the statement, and only
-  whitespace, ``) , ] ;`` or ``::`` may follow a placeholder in the rewritten shape;
+  continued on the next line, a string followed by a comment, LIMIT ALL (``ALL`` is replaced by
+  a placeholder), ``- -5`` (normalised to ``$35``);
+- a constant glued to the text before it: only whitespace, ``( , [ = < >`` (and
+  ``+ - * / % ^ |`` before an unsigned constant) may precede it, and a negative one not after
+  operator characters that would take its minus (``@-5`` is the operator ``@-``, ``=--5`` a
+  comment); in the rewritten shape only whitespace, ``( , [`` may precede a placeholder and
+  only whitespace, ``) , ] ;`` or ``::`` follow it;
 - a statement whose own ``$n`` parameters are numbered differently from the cached shape's
-  (the shape's text would not match), a row filter containing ``$`` (its parameters would be
-  indistinguishable from the placeholders), several statements in one text, shapes libpg_query
-  normalises to something that does not parse or rewrite (``LIMIT ALL``, ``- -5``);
-- a placeholder the rewrite dropped or repeated, or a new ``$n`` it introduced.
+  (the shape's text does not match it);
+- for the whole shape: a row filter containing ``$`` (its parameters would be indistinguishable
+  from the placeholders), several statements in one text, a shape that does not parse or
+  rewrite, a placeholder the rewrite dropped, repeated or introduced, statements over 20,000
+  characters.
 
 Every shape is also checked once against the direct rewrite: the first request that can use an
 entry gets both, and the entry is used only if they parse to the same tree; otherwise the shape is
