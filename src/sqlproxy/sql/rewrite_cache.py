@@ -28,7 +28,7 @@ Where this cannot be shown to be exact it falls back to the direct rewrite, for 
 - a constant glued to the text before it: only whitespace, ``( , [ = < >`` (and
   ``+ - * / % ^ |`` before an unsigned constant) may precede it, and a negative one not after
   operator characters that would take its minus (``@-5`` is the operator ``@-``, ``=--5`` a
-  comment); in the rewritten shape only whitespace, ``( , [`` may precede a placeholder and
+  comment); in the rewritten shape only whitespace, ``( , [ = < >`` may precede a placeholder and
   only whitespace, ``) , ] ;`` or ``::`` follow it;
 - a statement whose own ``$n`` parameters are numbered differently from the cached shape's
   (the shape's text does not match it);
