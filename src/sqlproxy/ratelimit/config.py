@@ -5,6 +5,7 @@ Both default to "off": with no limits configured every request passes and nothin
 
 from __future__ import annotations
 
+from functools import cached_property
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -52,8 +53,8 @@ class RateLimitConfig(_Strict):
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
-    @property
-    def any_limit(self) -> bool:
+    @cached_property
+    def any_limit(self) -> bool:  # frozen: read on every request, computed once
         return self.enabled and any(
             (
                 self.global_,

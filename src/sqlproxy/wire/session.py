@@ -55,7 +55,7 @@ from sqlproxy.protocol.messages import (
 )
 from sqlproxy.protocol.scram import ScramServer, ScramVerifier
 from sqlproxy.ratelimit.hierarchy import Rejection
-from sqlproxy.sql.model import StatementKind
+from sqlproxy.sql.model import Analysis, StatementKind
 from sqlproxy.wire.backend import BackendConnection
 from sqlproxy.wire.decide import Prepared, pins
 from sqlproxy.wire.pool import BackendPool
@@ -135,6 +135,25 @@ def _expire(fut: asyncio.Future[object]) -> None:
 
 def _copy_over(call: SimpleCall, stats: CopyStats) -> Callable[[], bool]:
     return lambda: call.finished or call.copying is not stats
+
+
+_EFFECT_KINDS = frozenset({StatementKind.SET, StatementKind.DISCARD, StatementKind.TRANSACTION})
+_effects: dict[int, tuple[Analysis, tuple[bool, bool]]] = {}
+
+
+def _session_effects(a: Analysis) -> tuple[bool, bool]:
+    """(pins the session, may change what the session carries: SET, search_path, DISCARD,
+    the end of a transaction), once per analysis object: the analysis cache hands the same
+    object to every statement of one shape."""
+    hit = _effects.get(id(a))
+    if hit is not None and hit[0] is a:
+        return hit[1]
+    stateful = any(st.kind in _EFFECT_KINDS or st.search_path is not None for st in a.statements)
+    flags = (pins(a), stateful)
+    if len(_effects) >= 4096:
+        _effects.clear()
+    _effects[id(a)] = (a, flags)
+    return flags
 
 
 def _nul(payload: bytes, start: int = 0) -> int:
@@ -701,9 +720,14 @@ class WireSession(asyncio.Protocol, PumpOwner):
         next server connection, pinning when state cannot be carried."""
         a = req.analysis
         assert a is not None and self.settings is not None
-        if pins(a):
+        pin, stateful = _session_effects(a)
+        if pin:
             self.pinned = True
         be = self.be
+        if not stateful:
+            if be is not None:
+                be.settings_key = self.settings.key
+            return
         in_tx = self.status != "I"
         exact = True
         for i, st in enumerate(a.statements):
