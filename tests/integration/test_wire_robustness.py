@@ -839,10 +839,8 @@ async def test_failed_logins_give_their_client_slot_back(
 
 
 async def test_garbage_after_a_pipelined_batch(wire: WireHarness) -> None:
-    """Garbage right behind a valid batch in the same packet ends the session with 08P01 and
-    leaks nothing. (PostgreSQL would first answer the batch it read before the garbage; the
-    proxy drops it unsent. A known divergence: the client cannot tell either way whether the
-    batch ran, since it never sees the ReadyForQuery.)"""
+    """Garbage right behind a valid batch in the same packet: as PostgreSQL, the proxy answers
+    the batch it read before the garbage, then ends the session with 08P01; nothing leaks."""
     raw = await _login(wire)
     raw.send(
         frame(b"P", b"\0SELECT 42\0\0\0")
@@ -854,12 +852,19 @@ async def test_garbage_after_a_pipelined_batch(wire: WireHarness) -> None:
     msgs = await raw.until_eof()
     await raw.close()
     assert fatal(msgs).sqlstate == "08P01"
-    # Either all of the batch's answer (as PostgreSQL) or none of it (the proxy today).
     answered = [type(m).__name__ for m in msgs[:-1]]
-    assert answered in (
-        [],
-        ["ParseComplete", "BindComplete", "DataRow", "CommandComplete", "ReadyForQuery"],
-    ), msgs
+    assert answered == ["ParseComplete", "BindComplete", "DataRow", "CommandComplete", "ReadyForQuery"], msgs
+    assert DataRow((b"42",)) in msgs
+    assert wire.backends_in_use() == 0
+
+
+async def test_garbage_after_a_simple_query(wire: WireHarness) -> None:
+    raw = await _login(wire)
+    raw.send(query("SELECT 41 + 1") + b"\x01\xff\xff\xff\xff")
+    msgs = await raw.until_eof()
+    await raw.close()
+    assert fatal(msgs).sqlstate == "08P01"
+    assert DataRow((b"42",)) in msgs and ReadyForQuery("I") in msgs, msgs
     assert wire.backends_in_use() == 0
 
 

@@ -179,6 +179,7 @@ class WireSession(asyncio.Protocol, PumpOwner):
         self.dec = FrontendDecoder(max_message_length=self.cfg.max_message_bytes)
         self._waiter: asyncio.Future[object] | None = None
         self._eof = False
+        self._ignore_input = False
         self.task: asyncio.Task[None] | None = None
         self.source_ip = "unknown"
         self.source_port: int | None = None
@@ -230,7 +231,7 @@ class WireSession(asyncio.Protocol, PumpOwner):
         self.server.sessions.add(self)
 
     def data_received(self, data: bytes) -> None:
-        if self._eof:
+        if self._eof or self._ignore_input:
             return
         self.dec.feed(data)
         self.wake()
@@ -329,6 +330,8 @@ class WireSession(asyncio.Protocol, PumpOwner):
         except Fatal as e:
             self._write(fatal_response(e.sqlstate, e.message))
         except ProtocolViolation as e:
+            if self.client_transport is not None:
+                await self._answer_what_came_before()
             self._write(fatal_response(e.sqlstate, e.message))
         except ProxyError as e:
             self._write(fatal_response(e.sqlstate, e.message))
@@ -337,6 +340,25 @@ class WireSession(asyncio.Protocol, PumpOwner):
             self._write(fatal_response("XX000", "internal error in the proxy"))
         finally:
             await self._cleanup()
+
+    async def _answer_what_came_before(self) -> None:
+        """A message the client sent cannot be read. PostgreSQL reads in order: it answers the
+        messages before the bad one (a pipelined batch, say) and then ends the session; so
+        does the proxy: what it queued for the server goes out and the replies come back to
+        the client before the FATAL. Nothing more is read from the client meanwhile."""
+        self._ignore_input = True
+        be = self.be
+        if be is None or be.pump is None:
+            return
+        self._flush()
+        loop = asyncio.get_running_loop()
+        while be.pump.pending and not be.closed and self.be is be and not self._eof:
+            fut = loop.create_future()
+            self._waiter = fut  # backend_ready and the client's going away resolve it
+            try:
+                await fut
+            finally:
+                self._waiter = None
 
     async def _cleanup(self) -> None:
         # The session has said its last word (a FATAL, or nothing): what the server still sends
@@ -577,7 +599,7 @@ class WireSession(asyncio.Protocol, PumpOwner):
     # PumpOwner callbacks (called from the server connection's data_received).
     def backend_ready(self, status: str) -> None:
         self.status = status
-        if self._copy_relay:
+        if self._copy_relay or self._ignore_input:
             self.wake()  # the server ended a COPY FROM STDIN: stop relaying the client's data
         # Only while the session waits for its client: in the middle of a message (a Parse
         # being decided, say) the session still holds and uses this connection.
