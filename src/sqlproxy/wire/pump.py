@@ -210,10 +210,12 @@ class PumpOwner:
 
 
 class ResponsePump:
-    __slots__ = ("be", "owner", "queue", "skipping", "status")
+    __slots__ = ("be", "fatal_forwarded", "owner", "queue", "skipping", "status")
 
     def __init__(self, be: BackendConnection) -> None:
         self.be = be
+        # A FATAL from the server reached the client (the server is ending the connection).
+        self.fatal_forwarded = False
         self.owner: PumpOwner | None = None
         self.queue: deque[Exp] = deque()
         # The server is skipping messages until Sync after an error in the extended protocol.
@@ -446,6 +448,9 @@ class ResponsePump:
 
     def _error(self, exp: Exp, frame: bytes, out: list[bytes]) -> None:
         kind = exp.kind
+        if kind not in (HIDDEN, FAIL_SIMPLE, FAIL_PARSE, PARSE_HIDDEN) and _is_fatal(frame):
+            # Forwarded below: the client has the server's last word, and needs no other.
+            self.fatal_forwarded = True
         if kind == SIMPLE:
             out.append(frame)
             call: SimpleCall = exp.data  # type: ignore[assignment]
@@ -487,6 +492,11 @@ class ResponsePump:
                 owner.statement_failed(skipped)
         if not queue:
             self.skipping = True
+
+
+def _is_fatal(frame: bytes) -> bool:
+    fields = error_fields(frame[5:])
+    return fields.get("V", fields.get("S")) in ("FATAL", "PANIC")
 
 
 def _error_summary(fields: dict[str, str]) -> dict[str, str]:

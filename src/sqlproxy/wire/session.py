@@ -639,7 +639,8 @@ class WireSession(asyncio.Protocol, PumpOwner):
             if self.pool is not None:
                 self.pool.discard(be)  # the pool counts the connection until told: free its slot
             if self.transport is not None and not self.transport.is_closing():
-                self._write(fatal_response("08006", "server connection lost"))
+                if be.pump is None or not be.pump.fatal_forwarded:
+                    self._write(fatal_response("08006", "server connection lost"))
                 self.transport.close()
 
     def statement_failed(self, exp: Exp) -> None:
