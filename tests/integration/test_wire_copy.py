@@ -395,7 +395,8 @@ async def test_server_connection_changing_hands_reads_again(wire: WireHarness) -
     pool = wire.server.pool_for("demo")
     be = await pool.acquire()
     assert be.transport is not None
-    be.transport.pause_reading()  # what WireSession.pause_writing does
+    be.pause_reading()  # what WireSession.pause_writing does
+    assert not be.transport.is_reading()
     pool.release(be)
     assert be.transport.is_reading()
     async with await psycopg.AsyncConnection.connect(wire.dsn("developer"), autocommit=True) as conn:

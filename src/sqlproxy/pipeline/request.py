@@ -58,8 +58,13 @@ class Request:
     stage_seconds: dict[str, float] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
+    # ``source`` made once by a door that sends many requests from one peer (a wire session).
+    source_text: str | None = field(default=None, repr=False)
+
     @property
     def source(self) -> str:
+        if self.source_text is not None:
+            return self.source_text
         return self.source_ip if self.source_port is None else f"{self.source_ip}:{self.source_port}"
 
     @property

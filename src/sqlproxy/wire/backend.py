@@ -93,6 +93,8 @@ class BackendConnection(asyncio.Protocol):
         self._waiter: asyncio.Future[None] | None = None
         self._client_transport: asyncio.Transport | None = None
         self._write_paused = False
+        # Reading from the server paused for the client's sake (WireSession.pause_writing).
+        self.read_paused = False
 
     # -- asyncio.Protocol ------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -138,6 +140,18 @@ class BackendConnection(asyncio.Protocol):
         # Reading from the server may have been paused for the previous client's sake (its
         # socket was full, WireSession.pause_writing, e.g. at the end of a large COPY TO
         # STDOUT): a connection changing hands must read again, or its next user waits forever.
+        if self.read_paused:
+            self.resume_reading()
+
+    def pause_reading(self) -> None:
+        """Stop reading from the server (its client's socket is full)."""
+        if self.transport is not None and not self.closed and not self.read_paused:
+            self.read_paused = True
+            with contextlib.suppress(RuntimeError):
+                self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        self.read_paused = False
         if self.transport is not None and not self.closed:
             with contextlib.suppress(RuntimeError):
                 self.transport.resume_reading()

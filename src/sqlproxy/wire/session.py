@@ -183,6 +183,7 @@ class WireSession(asyncio.Protocol, PumpOwner):
         self.task: asyncio.Task[None] | None = None
         self.source_ip = "unknown"
         self.source_port: int | None = None
+        self.source_text = "unknown"
         self.tls = False
         self.identity: Identity | None = None
         self.database: str | None = None
@@ -227,6 +228,8 @@ class WireSession(asyncio.Protocol, PumpOwner):
             self.source_ip = str(peer)
         else:
             self.source_ip = "local"
+        port = self.source_port
+        self.source_text = self.source_ip if port is None else f"{self.source_ip}:{port}"
         self.task = asyncio.get_running_loop().create_task(self.run())
         self.server.sessions.add(self)
 
@@ -252,15 +255,13 @@ class WireSession(asyncio.Protocol, PumpOwner):
 
     def pause_writing(self) -> None:
         be = self.be
-        if be is not None and be.transport is not None:
-            with contextlib.suppress(RuntimeError):
-                be.transport.pause_reading()
+        if be is not None:
+            be.pause_reading()
 
     def resume_writing(self) -> None:
         be = self.be
-        if be is not None and be.transport is not None:
-            with contextlib.suppress(RuntimeError):
-                be.transport.resume_reading()
+        if be is not None:
+            be.resume_reading()
 
     def wake(self) -> None:
         w = self._waiter
@@ -719,6 +720,7 @@ class WireSession(asyncio.Protocol, PumpOwner):
             sql=sql,
             source_ip=self.source_ip,
             source_port=self.source_port,
+            source_text=self.source_text,
             database=self.database,
             identity=self.identity,
             search_path=self.search_path,
@@ -980,6 +982,7 @@ class WireSession(asyncio.Protocol, PumpOwner):
             sql=sql,
             source_ip=self.source_ip,
             source_port=self.source_port,
+            source_text=self.source_text,
             database=self.database,
             identity=self.identity,
             search_path=self.search_path,
@@ -1139,6 +1142,7 @@ class WireSession(asyncio.Protocol, PumpOwner):
             sql=p.sql,
             source_ip=self.source_ip,
             source_port=self.source_port,
+            source_text=self.source_text,
             database=self.database,
             identity=self.identity,
             search_path=p.search_path,
