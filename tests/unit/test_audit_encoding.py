@@ -8,11 +8,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
 from typing import Any
 
 import pytest
 
-from sqlproxy.audit.chain import Chain, ChainState
+from sqlproxy.audit.chain import Chain, ChainState, KeyedMac
 from sqlproxy.audit.record import (
     STORE_COLUMNS,
     STORE_JSON_COLUMNS,
@@ -116,6 +117,8 @@ def assert_generic_bytes(r: AuditRecord, prev: str) -> None:
     for c, v in zip(STORE_COLUMNS, row, strict=True):
         if c in STORE_JSON_COLUMNS:
             assert v == dumps(d[c]), c
+        elif d[c] is None:  # SQLite stores the NaN as NULL
+            assert type(v) is float and math.isnan(v), c
         else:
             assert v == d[c] and type(v) is type(d[c]), c
     # What a store reads back is the same record.
@@ -227,3 +230,23 @@ def test_lone_surrogates_fail_the_fast_path_like_the_generic_one_and_escape_alik
     assert s_fast.jsonl_line() == s_generic.jsonl_line()
     assert r"x\\udc80y" in s_fast.to_json()  # the backslash, escaped in JSON
     assert_generic_bytes(s_fast, PREV)
+
+
+@pytest.mark.parametrize("key_len", [16, 32, 63, 64, 65, 200])
+def test_keyed_mac_is_hmac_sha256(key_len: int) -> None:
+    key = bytes((i * 7 + 1) % 256 for i in range(key_len))
+    mac = KeyedMac(key)
+    for msg in (b"", b"x", "é 🙂".encode() * 100):
+        assert mac.hexdigest(msg) == hmac.new(key, msg, hashlib.sha256).hexdigest()
+
+
+class Tagged(str):
+    """A str subclass: encoded as its text, never looked up in the text memo."""
+
+
+def test_recurring_and_odd_typed_text_encodes_like_json_dumps() -> None:
+    long = "r" * 5000
+    a = {**args(2, "x"), "rule": long, "reason": Tagged("tagged"), "user": Tagged("u")}
+    for _ in range(3):  # the second and third time from the memo
+        r = Chain(KEY, ChainState(0, PREV)).append(AuditRecord.new(**a))
+        assert_generic_bytes(r, PREV)

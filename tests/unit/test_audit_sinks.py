@@ -188,6 +188,11 @@ async def test_store_rows_hold_the_hashed_json_text(tmp_path: Path) -> None:
                 json.dumps(d[n], sort_keys=True, separators=(",", ":"), ensure_ascii=False) for n in names
             )
             assert row[6:] == (r.sql, r.hash)
+        # None is stored as NULL (bound as NaN, which SQLite stores as NULL).
+        assert conn.execute(
+            "SELECT count(*) FROM audit_records WHERE sqlstate IS NULL AND error IS NULL "
+            "AND typeof(fingerprint) = 'null' AND typeof(rule) = 'null'"
+        ).fetchone() == (3,)
     finally:
         conn.close()
 

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlproxy.audit.record import GENESIS_HASH, AuditRecord, attach_json, encode_linked
+from sqlproxy.audit.record import GENESIS_HASH, AuditRecord, attach_json, encode_linked, set_chain
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +44,31 @@ def compute_hash(key: bytes, record: AuditRecord) -> str:
     return mac.hexdigest()
 
 
-def keyed_mac(key: bytes) -> hmac.HMAC:
-    """An HMAC-SHA256 with ``key`` and no message yet: ``copy()`` it to hash one message without
-    keying the hash again (half the cost of ``hmac.new`` per record)."""
-    return hmac.new(key, digestmod=hashlib.sha256)
+_TRANS_36 = bytes(x ^ 0x36 for x in range(256))
+_TRANS_5C = bytes(x ^ 0x5C for x in range(256))
+
+
+class KeyedMac:
+    """HMAC-SHA256 (RFC 2104) with one key, as ``hmac.new(key, msg, hashlib.sha256)``: the
+    inner and outer hashes are keyed once and copied per message, all in C (``hmac.HMAC.copy``
+    is Python code and keys nothing ahead; this is twice as fast per record)."""
+
+    __slots__ = ("_inner", "_outer")
+
+    def __init__(self, key: bytes) -> None:
+        block = hashlib.sha256().block_size
+        if len(key) > block:
+            key = hashlib.sha256(key).digest()
+        key = key.ljust(block, b"\0")
+        self._inner = hashlib.sha256(key.translate(_TRANS_36))
+        self._outer = hashlib.sha256(key.translate(_TRANS_5C))
+
+    def hexdigest(self, msg: bytes) -> str:
+        inner = self._inner.copy()
+        inner.update(msg)
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return outer.hexdigest()
 
 
 def seal(key: bytes, record: AuditRecord, state: ChainState, *, in_place: bool = False) -> AuditRecord:
@@ -56,23 +77,19 @@ def seal(key: bytes, record: AuditRecord, state: ChainState, *, in_place: bool =
 
     ``in_place`` seals ``record`` itself instead of a copy, for a caller that owns a record no
     one else holds (the audit writer's ``enqueue``); it must not have been sealed before."""
-    return _seal(keyed_mac(key), record, state.seq + 1, state.head_hash, in_place)
+    return _seal(KeyedMac(key), record, state.seq + 1, state.head_hash, in_place)
 
 
-def _seal(mac: hmac.HMAC, record: AuditRecord, seq: int, prev_hash: str, in_place: bool) -> AuditRecord:
+def _seal(mac: KeyedMac, record: AuditRecord, seq: int, prev_hash: str, in_place: bool) -> AuditRecord:
     # What compute_hash(key, linked) covers, built from each field's JSON text once: the
     # canonical bytes are json.dumps(sort_keys=True) of the linked record without its hash.
     if in_place and record.hash:
         raise ValueError("audit record is sealed already")
     head, tail, row = encode_linked(record, seq, prev_hash)
-    m = mac.copy()
-    m.update(b"".join((prev_hash.encode("ascii"), head, b",", tail)))
-    digest = m.hexdigest()
+    digest = mac.hexdigest(b"".join((prev_hash.encode("ascii"), head, b",", tail)))
     if in_place:
         sealed = record
-        object.__setattr__(sealed, "seq", seq)
-        object.__setattr__(sealed, "prev_hash", prev_hash)
-        object.__setattr__(sealed, "hash", digest)
+        set_chain(sealed, seq, prev_hash, digest)
     else:
         sealed = record.with_chain(seq, prev_hash, digest)
     attach_json(sealed, head, tail, row)
@@ -83,7 +100,7 @@ class Chain:
     """A chain being appended to. Not thread-safe; the writer calls it from one event loop."""
 
     def __init__(self, key: bytes, state: ChainState | None = None) -> None:
-        self._mac = keyed_mac(key)
+        self._mac = KeyedMac(key)
         state = state or ChainState.genesis()
         self._seq = state.seq
         self._head = state.head_hash
