@@ -197,6 +197,32 @@ async def test_store_rows_hold_the_hashed_json_text(tmp_path: Path) -> None:
         conn.close()
 
 
+async def test_store_large_batch_reads_back_exactly(tmp_path: Path) -> None:
+    """A batch longer than the rows one INSERT statement takes, with None and odd values."""
+    c = Chain(KEY)
+    records = [
+        c.append(
+            rec(
+                i,
+                user=None if i % 3 else f"u{i}",
+                rows=None if i % 4 else i,
+                sql=None if i % 5 == 0 else f"SELECT '\\ \" é {i}'",
+                sqlstate=None if i % 2 else "42501",
+                extra={} if i % 2 else {"n": i, "f": 0.1},
+                duration_ms=i / 7,
+            )
+        )
+        for i in range(75)
+    ]
+    store = SqliteStore(tmp_path / "big.db")
+    try:
+        await store.write_batch(records)
+        assert await store.get_after(0, limit=100) == records
+        assert (await verify_store(store, KEY)).ok
+    finally:
+        await store.close()
+
+
 async def test_store_made_with_the_id_index_opens_and_loses_it(tmp_path: Path) -> None:
     """Files made by earlier versions have an index on "id" that nothing reads; it is dropped on
     opening and the records stay as they were."""

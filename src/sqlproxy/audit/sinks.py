@@ -8,6 +8,7 @@ a worker thread so the event loop never waits on a disk.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import os
@@ -273,6 +274,23 @@ _COLUMNS = STORE_COLUMNS
 _JSON_COLUMNS = STORE_JSON_COLUMNS
 _COLS_SQL = ", ".join(f'"{c}"' for c in _COLUMNS)
 _INSERT_SQL = f"INSERT INTO audit_records ({_COLS_SQL}) VALUES ({', '.join('?' * len(_COLUMNS))})"
+# Rows per INSERT statement: one statement step per row costs more than the row's insert.
+_ROWS_PER_INSERT = 32
+_INSERT_MANY_SQL = f"INSERT INTO audit_records ({_COLS_SQL}) VALUES " + ", ".join(
+    [f"({', '.join('?' * len(_COLUMNS))})"] * _ROWS_PER_INSERT
+)
+
+
+def _insert_rows(c: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
+    """INSERT ``rows`` (in order), ``_ROWS_PER_INSERT`` to a statement while there are as many."""
+    full = len(rows) - len(rows) % _ROWS_PER_INSERT
+    if full:
+        flat = list(itertools.chain.from_iterable(rows[:full]))
+        per = _ROWS_PER_INSERT * len(_COLUMNS)
+        c.executemany(_INSERT_MANY_SQL, [flat[i : i + per] for i in range(0, len(flat), per)])
+    if full < len(rows):
+        c.executemany(_INSERT_SQL, rows[full:])
+
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS audit_records (
@@ -406,7 +424,7 @@ class SqliteStore:
                 # Skipping what is already committed makes a retried batch harmless.
                 todo = [r for r in rows if r.seq > done]
                 if todo:
-                    c.executemany(_INSERT_SQL, [_to_row(r) for r in todo])
+                    _insert_rows(c, [_to_row(r) for r in todo])
                     last = todo[-1]
                     c.execute(
                         'INSERT INTO chain_head ("id", "seq", "hash") VALUES (1, ?, ?) '
