@@ -246,7 +246,7 @@ class Runtime:
         rows: int | None = None
         results = req.results
         if results:
-            rows = sum(r.row_count for r in results)
+            rows = results[0].row_count if len(results) == 1 else sum(r.row_count for r in results)
         classifications: dict[str, list[str]] = {}
         for per_stmt in req.classifications:
             for col, labels in per_stmt.items():
@@ -279,7 +279,9 @@ class Runtime:
             req.id,
             None,
             ident.name if ident is not None else None,
-            self._audit_roles_of(ident.roles) if ident is not None else _NO_ROLES,
+            (self._audit_roles.get(ident.roles) or self._audit_roles_of(ident.roles))
+            if ident is not None
+            else _NO_ROLES,
             req.source,
             req.door,
             req.database,
