@@ -26,6 +26,7 @@ from sqlproxy.execute.upstream import Upstream
 from sqlproxy.metrics import Metrics
 from sqlproxy.pipeline.pipeline import Pipeline, Stage
 from sqlproxy.pipeline.request import Request
+from sqlproxy.pipeline.shortcut import Plans
 from sqlproxy.pipeline.stages import standard_stages
 from sqlproxy.policy.engine import Decision, PolicyEngine
 from sqlproxy.ratelimit.service import RateLimiter
@@ -86,6 +87,7 @@ class Runtime:
         self.audit = self._make_audit_writer(cfg)
         self.mask_salt = self._load_mask_salt()
         self.pipeline = Pipeline(self._stages())
+        self.plans = Plans(self)
         self.stream = StreamHub(self)
         self._retired: list[Upstream] = []
         # What an audit record takes from an analysis (kinds, relations, output columns), built
@@ -98,6 +100,10 @@ class Runtime:
         return standard_stages(self)  # type: ignore[return-value]
 
     # -- services -------------------------------------------------------------------------------
+    @property
+    def services(self) -> Services:
+        return self._services
+
     @property
     def users(self) -> UserDirectory:
         return self._services.users
@@ -203,7 +209,16 @@ class Runtime:
 
     # -- requests -------------------------------------------------------------------------------
     async def handle(self, req: Request) -> Request:
-        return await self.pipeline.run(req)
+        """Run ``req`` through the pipeline, or through its shape's plan when one was learnt
+        (see :mod:`sqlproxy.pipeline.shortcut`). Raises ProxyError when it did not succeed."""
+        plan = self.plans.lookup(req)
+        if plan is not None:
+            self.analysis_cache.hits += 1  # the analysis was reused, as a cache hit would
+            await self.plans.run(req, plan)
+            return req
+        await self.pipeline.run(req)
+        self.plans.learn(req)
+        return req
 
     def _analysis_audit_parts(self, a: Analysis) -> _AuditParts:
         # Shared between records, with their JSON text: no one may change them.

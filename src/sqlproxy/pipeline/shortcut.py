@@ -1,0 +1,209 @@
+"""Statement plans: the pipeline's shape-determined work, done once per statement shape.
+
+A door that authenticates its client itself and executes by itself (the wire door) sends one
+statement after another that differ only in their literals (pgbench, an ORM's point lookups).
+For such a statement everything but the execution is decided by its *shape*: the analysis (cached
+by normalized text), the policy decision (a function of who, where and the analysis), whether a
+rewrite applies (it does not, for a plan: see below) and the classification by lineage. The full
+pipeline runs for the first statement of a shape; when it succeeded, what it decided is kept as a
+:class:`Plan`. Later statements of the same shape, from the same identity, in the same database
+and search_path, under the same configuration, policy and catalog snapshot, skip straight to what
+must happen per statement, in the pipeline's order and with its guarantees:
+
+- audit outermost: exactly one record per statement, whatever happens (the same record the
+  pipeline would write: the same fields from the same request);
+- metrics;
+- the rate limiter: every statement spends its token (and a refusal is audited as such);
+- the door's executor;
+- the lineage classification.
+
+What never gets a plan: anything that failed or was denied; statements that were rewritten
+(masks, row filters); statements that are not plain SELECT/INSERT/UPDATE/DELETE/MERGE (their
+literals can matter: ``SET``, ``COPY``, utility statements); statements naming a relation the
+catalog snapshot does not know; dry runs; requests whose results carry rows to classify by value.
+Anything unusual about a request (no identity, a preflight error, an empty or oversized or NUL-
+containing text, parameters) sends it through the full pipeline, which reports it as always.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from pglast.parser import ParseError, normalize
+
+from sqlproxy.pipeline.errors import ProxyError
+from sqlproxy.pipeline.request import Request
+from sqlproxy.sql.cache import shape_cacheable
+
+if TYPE_CHECKING:
+    from sqlproxy.execute.upstream import Upstream
+    from sqlproxy.policy.engine import Decision
+    from sqlproxy.runtime import Runtime
+    from sqlproxy.sql.model import Analysis
+
+log = logging.getLogger(__name__)
+
+_MAX_PLANS = 10_000
+# Doors whose results never carry rows to classify by value (the wire door forwards rows without
+# reading them), so a shape's classification is its lineage's.
+PLANNED_DOORS = frozenset({"wire"})
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    analysis: Analysis
+    decision: Decision
+    classifications: list[dict[str, list[str]]]
+    database: str
+    upstream: Upstream
+    # What the key's objects were, kept so that an id() in the key is never reused for another.
+    holds: tuple[object, ...]
+
+
+class Plans:
+    def __init__(self, runtime: Runtime) -> None:
+        self.rt = runtime
+        self._plans: dict[tuple[object, ...], Plan] = {}
+        self.hits = 0
+
+    def _key(self, req: Request, normalized: str) -> tuple[tuple[object, ...], tuple[object, ...]] | None:
+        rt = self.rt
+        upstream = rt.upstreams.get(req.database) if req.database is not None else None
+        catalog = upstream.catalog if upstream is not None else None
+        if catalog is None:
+            return None
+        # Objects that a reload or a new catalog snapshot replaces: an older plan is unreachable.
+        cfg = rt.config.current
+        services = rt.services
+        holds = (req.identity, cfg, services, catalog, upstream)
+        key = (
+            req.door,
+            req.database,
+            req.search_path,
+            normalized,
+            id(req.identity),
+            id(cfg),
+            id(services),
+            id(catalog),
+            id(upstream),
+        )
+        return key, holds
+
+    def lookup(self, req: Request) -> Plan | None:
+        """The plan for this request, or None: then it goes through the whole pipeline. No side
+        effects (nothing is spent or recorded) either way."""
+        sql = req.sql
+        if (
+            req.door not in PLANNED_DOORS
+            or req.identity is None
+            or req.executor is None
+            or req.preflight_error is not None
+            or req.dry_run
+            or req.params
+            or not sql
+            or sql.isspace()
+            or len(sql) * 4 > self.rt.config.current.server.max_sql_bytes
+            or "\x00" in sql
+        ):
+            return None
+        try:
+            normalized = normalize(sql)
+        except ParseError:
+            return None
+        found = self._key(req, normalized)
+        if found is None:
+            return None
+        key, holds = found
+        plan = self._plans.get(key)
+        if plan is None or plan.holds != holds:
+            return None
+        return plan
+
+    def learn(self, req: Request) -> None:
+        """Keep what the pipeline decided for ``req`` if its shape decides all of it."""
+        a = req.analysis
+        decision = req.decision
+        upstream = req.upstream
+        if (
+            req.door not in PLANNED_DOORS
+            or req.error is not None
+            or a is None
+            or decision is None
+            or not decision.allowed
+            or upstream is None
+            or req.database is None
+            or req.rewritten
+            or req.executor is None
+            or req.identity is None
+            or req.dry_run
+            or req.params
+            or not shape_cacheable(a)
+            or not a.all_known
+            or len(a.statements) != 1
+            or any(r.rows for r in req.results)
+            or self.rt.rewrite_directives(decision)
+        ):
+            return
+        try:
+            normalized = normalize(req.sql or "")
+        except ParseError:
+            return
+        if normalized != a.normalized:
+            return  # analysed under another text (the analysis cache's exact key): be safe
+        found = self._key(req, normalized)
+        if found is None:
+            return
+        key, holds = found
+        if len(self._plans) >= _MAX_PLANS:
+            self._plans.clear()
+        self._plans[key] = Plan(
+            analysis=a,
+            decision=decision,
+            classifications=list(req.classifications),
+            database=req.database,
+            upstream=upstream,
+            holds=holds,
+        )
+
+    async def run(self, req: Request, plan: Plan) -> None:
+        """What the pipeline does for a statement whose shape is decided: audit, metrics, the
+        rate limiter, execution. Raises ProxyError as the pipeline does."""
+        rt = self.rt
+        self.hits += 1
+        try:
+            try:
+                ident = req.identity
+                assert ident is not None and req.executor is not None
+                rl = rt.rate_limiter
+                if rl.active:
+                    r = rl.try_acquire(ident.name, ident.roles, plan.database)
+                    if r is not None:
+                        await rl.after_rejection(r, ident.name, ident.roles, plan.database)
+                req.database = plan.database
+                req.upstream = plan.upstream
+                req.analysis = plan.analysis
+                req.decision = plan.decision
+                req.statements = [req.sql or ""]
+                t = time.perf_counter()
+                try:
+                    await req.executor(req)
+                finally:
+                    req.stage_seconds["execute"] = time.perf_counter() - t
+                req.classifications = plan.classifications
+            except ProxyError as e:
+                req.error = e
+                raise
+            except Exception as e:
+                log.exception("internal error in request %s", req.id)
+                req.error = ProxyError(f"internal error: {type(e).__name__}")
+                raise req.error from e
+            finally:
+                rt.metrics.observe_request(req)
+        finally:
+            record = rt.audit_record(req)
+            if not rt.audit.try_enqueue(record):
+                await asyncio.shield(rt.audit.enqueue(record))
