@@ -172,6 +172,36 @@ def test_built_record_normalises_extra_and_drops_secrets() -> None:
     assert "hunter2" not in Chain(KEY).append(r).to_json()
 
 
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"protocol": "extended"},
+        {"x": 1},
+        {"x": True},
+        {"x": 0},
+        {"x": False},
+        {"x": None},
+        {"a": "1", "b": 2, "c": True, "d": None},
+        {"token": "secret", "protocol": "extended"},
+        {"q": 'quote " and \\ backslash \u2028'},
+    ],
+)
+def test_small_scalar_extra_is_shared_and_seals_like_the_generic_path(extra: dict[str, object]) -> None:
+    """Small scalar ``extra`` dicts are normalised and encoded once and shared; 1 and True (equal
+    and hashing alike in Python) must not share an entry."""
+    for _ in range(2):  # the second time from the memo
+        a = {**args(2, "x"), "extra": dict(extra)}
+        generic = AuditRecord.new(**a, id="e" * 32, ts="t")
+        fast = built(a, id="e" * 32, ts="t")
+        assert fast == generic and fast.extra == generic.extra
+        assert [type(v) for v in fast.extra.values()] == [type(v) for v in generic.extra.values()]
+        s_generic = Chain(KEY, ChainState(3, PREV)).append(generic)
+        s_fast = Chain(KEY, ChainState(3, PREV)).append(fast, in_place=True)
+        assert s_fast.jsonl_line() == s_generic.jsonl_line()
+        assert_generic_bytes(s_fast, PREV)
+    assert "secret" not in built({**args(2, "x"), "extra": dict(extra)}, id="e" * 32, ts="t").to_json()
+
+
 def test_built_record_refuses_a_non_finite_duration() -> None:
     with pytest.raises(ValueError):
         built({**args(1, "x"), "duration_ms": float("inf")}, id="x", ts="t")

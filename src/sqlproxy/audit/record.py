@@ -424,7 +424,10 @@ class AuditRecord:
         s_sqlstate(self, sqlstate)
         s_error(self, error)
         e = extra
-        s_extra(self, {} if type(e) is dict and not e else _json_roundtrip(drop_secrets(dict(e))))
+        if type(e) is dict and not e:
+            s_extra(self, {})
+        else:
+            s_extra(self, _small_extra(e) or _json_roundtrip(drop_secrets(dict(e))))
         s_seq(self, 0)
         s_prev_hash(self, "")
         s_hash(self, "")
@@ -616,6 +619,34 @@ def _memo_text(v: str | None) -> str:
     return text
 
 
+# ``extra`` of a few scalar members recurs from request to request ({"protocol": "extended"} on
+# every extended-protocol Execute): normalised and encoded once, then shared by the records
+# (read-only, as every value a record holds). By content, and by the shared dict's id for its text.
+_SMALL_EXTRA: dict[tuple[tuple[str, type, Any], ...], dict[str, Any]] = {}
+_SMALL_EXTRA_TEXT: dict[int, tuple[dict[str, Any], str]] = {}
+_SMALL_EXTRA_MAX = 256
+
+
+def _small_extra(extra: Any) -> dict[str, Any] | None:
+    if type(extra) is not dict or len(extra) > 4:
+        return None
+    # The type is part of the key: True == 1 and hash alike, but encode differently.
+    items = tuple((k, type(v), v) for k, v in extra.items())
+    for k, t, _v in items:
+        if type(k) is not str or not (t is str or t is bool or t is int or t is type(None)):
+            return None
+    hit = _SMALL_EXTRA.get(items)
+    if hit is not None:
+        return hit
+    cleaned: dict[str, Any] = _json_roundtrip(drop_secrets(dict(extra)))
+    if len(_SMALL_EXTRA) >= _SMALL_EXTRA_MAX:
+        _SMALL_EXTRA.clear()
+        _SMALL_EXTRA_TEXT.clear()
+    _SMALL_EXTRA[items] = cleaned
+    _SMALL_EXTRA_TEXT[id(cleaned)] = (cleaned, json_value(cleaned))
+    return cleaned
+
+
 def encode_linked(record: AuditRecord, seq: int, prev_hash: str) -> tuple[bytes, bytes, tuple[Any, ...]]:
     """``record`` as it will be once linked at ``seq`` after ``prev_hash``, encoded: the UTF-8
     JSON object text before the ``hash`` member and after it, and the store row but its last
@@ -659,7 +690,11 @@ def encode_linked(record: AuditRecord, seq: int, prev_hash: str) -> tuple[bytes,
     # Each value as json_value encodes it, the usual types inline (a call per field costs more);
     # the text of short strings that recur (user, source, rule, ...) and None from the memo.
     cls_j = "{}" if type(classifications) is dict and not classifications else jv(classifications)
-    extra_j = "{}" if type(extra) is dict and not extra else jv(extra)
+    if type(extra) is dict and not extra:
+        extra_j = "{}"
+    else:
+        known = _SMALL_EXTRA_TEXT.get(id(extra))
+        extra_j = known[1] if known is not None and known[0] is extra else jv(extra)
     # The members in key order (checked against the fields above), as f-strings: a third of
     # the time of "%" formatting.
     database_j = (mg(database) or mt(database)) if type(database) is str or database is None else jv(database)
