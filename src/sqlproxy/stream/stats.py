@@ -7,14 +7,12 @@ from __future__ import annotations
 import time
 from collections import Counter, deque
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlproxy.audit.record import AuditRecord
 
 
-@dataclass(frozen=True, slots=True)
-class _Event:
+class _Event(NamedTuple):  # a tuple: one is made per audit record
     t: float
     decision: str
     user: str | None
@@ -37,12 +35,24 @@ class RollingStats:
         self._denied: deque[dict[str, Any]] = deque(maxlen=recent_denied)
         self.totals: Counter[str] = Counter()
         self.started = time.monotonic()
+        self._tables_of: dict[int, tuple[list[Any], tuple[str, ...]]] = {}
+
+    def _tables(self, relations: list[Any]) -> tuple[str, ...]:
+        # Records of one statement shape share their relations list: its tables are read once.
+        hit = self._tables_of.get(id(relations))
+        if hit is not None and hit[0] is relations:
+            return hit[1]
+        tables = tuple(str(rel.get("table")) for rel in relations if isinstance(rel, dict))
+        if len(self._tables_of) >= 4096:
+            self._tables_of.clear()
+        self._tables_of[id(relations)] = (relations, tables)
+        return tables
 
     def add(self, node: str, records: Sequence[AuditRecord]) -> None:
         now = time.monotonic()
+        append = self._events.append
         for r in records:
-            tables = tuple(str(rel.get("table")) for rel in r.relations if isinstance(rel, dict))
-            self._events.append(_Event(now, r.decision, r.user, tables, r.duration_ms))
+            append(_Event(now, r.decision, r.user, self._tables(r.relations), r.duration_ms))
             self.totals[r.decision] += 1
             if r.decision not in ("allow",):
                 self._denied.append(
