@@ -32,6 +32,7 @@ from sqlproxy.protocol.messages import (
     ReadyForQuery,
     StartupMessage,
 )
+from sqlproxy.wire.pool import _CHECK_AFTER_IDLE_S
 from tests.fix_proxy import ProxyHarness
 from tests.fix_wire import WireHarness
 from tests.raw_wire import (
@@ -879,21 +880,42 @@ async def test_server_connection_killed_while_idle_is_replaced(
     await session_ended(s)  # the connection is idle in the pool now
     async with await _direct(robust_db) as d:
         await d.execute("SELECT pg_terminate_backend(%s, 60000)", (first,))
-    # The proxy learns of the death when it reads the server's EOF. A client whose first
-    # need of a connection gets there before that fails with 08006 (idle connections get no
-    # health check); either way the dead connection is dropped and the next one is new.
-    second = 0
-    for attempt in range(2):
-        try:
-            async with await psycopg.AsyncConnection.connect(h.dsn("admin"), autocommit=True) as conn:
-                cur = await conn.execute("SELECT pg_backend_pid()")
-                (second,) = await cur.fetchone() or (0,)
-                s = h.server._by_pid[conn.info.backend_pid]
-            await session_ended(s)
-            break
-        except psycopg.OperationalError as e:
-            assert attempt == 0 and "server connection lost" in str(e), e
+    # Whether or not the proxy has read the server's goodbye yet, a connection idle for a while
+    # is checked before it is handed out: the next client gets a new one and never an error.
+    await asyncio.sleep(_CHECK_AFTER_IDLE_S)
+    async with await psycopg.AsyncConnection.connect(h.dsn("admin"), autocommit=True) as conn:
+        cur = await conn.execute("SELECT pg_backend_pid()")
+        (second,) = await cur.fetchone() or (0,)
+        s = h.server._by_pid[conn.info.backend_pid]
+    await session_ended(s)
     assert second not in (0, first)
+    assert h.backends_in_use() == 0
+
+
+async def test_idle_server_connection_with_pending_input_is_not_handed_out(
+    wire_factory: WireFactory,
+) -> None:
+    """The check itself, without a race to win: a pooled connection whose socket has input
+    the event loop has not read yet (here: reading paused) is dropped, not reused."""
+    h = await wire_factory(pool_mode="transaction", server_pool_size=1)
+    async with await psycopg.AsyncConnection.connect(h.dsn("admin"), autocommit=True) as conn:
+        cur = await conn.execute("SELECT pg_backend_pid()")
+        (first,) = await cur.fetchone() or (0,)
+        s = h.server._by_pid[conn.info.backend_pid]
+    await session_ended(s)
+    pool = h.server.pool_for("demo")
+    (be,) = list(pool.idle)
+    assert be.transport is not None and not be.has_input()
+    be.transport.pause_reading()  # what the server says next stays in the socket
+    be.write(b"Q\x00\x00\x00\x0dSELECT 1\x00")  # an answer arrives that no one reads
+    await asyncio.sleep(0.2)
+    assert be.has_input()
+    async with await psycopg.AsyncConnection.connect(h.dsn("admin"), autocommit=True) as conn:
+        cur = await conn.execute("SELECT pg_backend_pid()")
+        (second,) = await cur.fetchone() or (0,)
+        s = h.server._by_pid[conn.info.backend_pid]
+    await session_ended(s)
+    assert second not in (0, first) and be.closed
     assert h.backends_in_use() == 0
 
 

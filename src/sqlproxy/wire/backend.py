@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import select
 import ssl
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
@@ -95,6 +96,8 @@ class BackendConnection(asyncio.Protocol):
         self._write_paused = False
         # Reading from the server paused for the client's sake (WireSession.pause_writing).
         self.read_paused = False
+        # When the pool last put it back (time.monotonic()).
+        self.idle_since = 0.0
 
     # -- asyncio.Protocol ------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -174,6 +177,23 @@ class BackendConnection(asyncio.Protocol):
     def write(self, data: bytes) -> None:
         if self.transport is not None and not self.closed:
             self.transport.write(data)
+
+    def has_input(self) -> bool:
+        """Whether bytes (or the end of the stream) wait to be read on the socket, without
+        reading them: a zero-timeout poll of its descriptor."""
+        if self.transport is None or self.closed:
+            return True
+        sock = self.transport.get_extra_info("socket")
+        if sock is None:
+            return False
+        try:
+            fd = sock.fileno()
+            if fd < 0:
+                return True
+            readable, _, _ = select.select([fd], [], [], 0)
+        except (OSError, ValueError):
+            return True
+        return bool(readable)
 
     def close(self) -> None:
         if self.transport is not None and not self.closed:

@@ -10,11 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import deque
 
 from sqlproxy.pipeline.errors import UpstreamUnavailable
 from sqlproxy.wire.backend import BackendConnection, UpstreamTarget, connect_backend
 from sqlproxy.wire.pump import HIDDEN, Exp, PumpOwner, ResponsePump
+
+# A connection idle for longer than this is checked for pending input before it is handed out
+# (one poll system call); busier ones were just in use and are not.
+_CHECK_AFTER_IDLE_S = 0.05
 
 
 class _PoolOwner(PumpOwner):
@@ -51,15 +56,21 @@ class BackendPool:
         return self.total - len(self.idle)
 
     def take_idle(self) -> BackendConnection | None:
-        """An idle connection, most recently used first (its caches are warm), or None."""
+        """An idle connection, most recently used first (its caches are warm), or None.
+
+        A connection idle for a while is checked first: an idle server connection has nothing
+        to say, so anything waiting to be read on it (PostgreSQL's FATAL and end of stream
+        after pg_terminate_backend, idle_session_timeout or a restart) means it is gone, even
+        if the event loop has not read that yet. It is dropped and the next one tried."""
         if self.closed:
             return None
         idle = self.idle
+        now = time.monotonic()
         while idle:
             be = idle.pop()
-            if not be.closed:
+            if not be.closed and (now - be.idle_since < _CHECK_AFTER_IDLE_S or not be.has_input()):
                 return be
-            self._forget(be)
+            self.discard(be)
         return None
 
     async def acquire(self) -> BackendConnection:
@@ -122,6 +133,7 @@ class BackendPool:
             if not w.done():
                 w.set_result(be)
                 return
+        be.idle_since = time.monotonic()
         self.idle.append(be)
 
     def discard(self, be: BackendConnection) -> None:
