@@ -22,8 +22,10 @@ import pytest_asyncio
 from psycopg import pq
 
 from sqlproxy.audit.record import AuditRecord
+from sqlproxy.protocol.messages import CopyInResponse, DataRow, ReadyForQuery
 from tests.fix_proxy import ProxyHarness
 from tests.fix_wire import WireHarness, run_psql
+from tests.raw_wire import RawClient, errors, frame, query
 
 # "order*" tables: the developer may read and insert them (demo policy developer-orders).
 T = "order_copy_t"
@@ -501,6 +503,40 @@ async def test_copyfail_from_client(wire: WireHarness, proxy: ProxyHarness, tabl
     assert rec.sqlstate == "57014" and rec.decision != "allow"
     assert "boom" in rec.extra["copy"]["client_fail"]
     assert rec.extra["copy"]["error"]["sqlstate"] == "57014"
+
+
+async def test_unexpected_message_during_copy_in_fails_the_copy_not_the_session(
+    wire: WireHarness, proxy: ProxyHarness, tables: None
+) -> None:
+    """A Query in the middle of COPY FROM STDIN: PostgreSQL drops it, fails the COPY with an
+    ERROR naming the message type, ignores the CopyData that follows and goes on; so does the
+    proxy (the server hears of it through a CopyFail). Nothing of the COPY is stored."""
+    start = await _seq(proxy)
+    raw = await RawClient.open(wire.port)
+    msgs = await raw.login("developer", wire.passwords["developer"])
+    assert isinstance(msgs[-1], ReadyForQuery)
+    raw.send(query(f"COPY {T} (id, note) FROM STDIN"))
+    assert isinstance(await raw.recv(), CopyInResponse)
+    raw.send(
+        frame(b"d", b"900001\tbefore\n")
+        + query("SELECT 1")  # not a COPY message
+        + frame(b"d", b"900002\tafter\n")  # ignored, as outside COPY
+        + frame(b"c", b"")
+    )
+    msgs = await raw.until_ready()
+    errs = errors(msgs)
+    assert len(errs) == 1 and errs[0].severity == "ERROR", msgs
+    assert "unexpected message type 0x51 during COPY from stdin" in (errs[0].message or "")
+    assert msgs[-1] == ReadyForQuery("I")
+    # The session goes on.
+    raw.send(query("SELECT 40 + 2"))
+    msgs = await raw.until_ready()
+    assert DataRow((b"42",)) in msgs and not errors(msgs)
+    await raw.close()
+    assert await _count(wire, f"{T} WHERE id IN (900001, 900002)") == 0
+    rec = await _one_copy(proxy, start, "developer")
+    assert rec.decision != "allow"
+    assert "unexpected message type 0x51" in rec.extra["copy"]["client_fail"]
 
 
 def _kill_socket(conn: psycopg.AsyncConnection[Any]) -> None:

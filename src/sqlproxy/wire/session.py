@@ -819,17 +819,28 @@ class WireSession(asyncio.Protocol, PumpOwner):
                     await self._more()
                     continue
                 t, f = frame
-                be.write(f)
                 if t == _COPY_DATA:
+                    be.write(f)
                     stats.bytes += len(f) - 5
                     continue
                 if t == _COPY_DONE:
+                    be.write(f)
                     return
                 if t == _COPY_FAIL:
+                    be.write(f)
                     stats.client_fail = f[5:-1].decode("utf-8", "replace")
                     return
-                if t not in (_S, _H):
-                    raise ProtocolViolation(f"unexpected message type {chr(t)!r} during COPY from stdin")
+                if t in (_S, _H):
+                    be.write(f)
+                    continue
+                # As PostgreSQL: the message is dropped, the COPY fails with an ERROR and the
+                # session goes on (the client's later CopyData is ignored). The server is told
+                # by a CopyFail naming the message; its ErrorResponse reaches the client.
+                reason = f"unexpected message type 0x{t:02X} during COPY from stdin"
+                stats.client_fail = reason
+                body = reason.encode() + b"\0"
+                be.write(b"f" + _U32.pack(len(body) + 4) + body)
+                return
         finally:
             self._copy_relay = False
 
