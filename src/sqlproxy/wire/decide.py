@@ -77,6 +77,8 @@ class Prepared:
     rewritten: bool = False
     pin: bool = False
     sets: bool = False
+    # The Parse message that prepares it as the unnamed statement, made once.
+    unnamed_parse: bytes = b""
 
 
 class Decider:

@@ -1058,8 +1058,13 @@ class WireSession(asyncio.Protocol, PumpOwner):
 
     @staticmethod
     def _parse_msg(name: bytes, p: Prepared) -> bytes:
+        if not name and p.unnamed_parse:
+            return p.unnamed_parse  # pgbench -M extended re-parses the unnamed one every time
         body = name + b"\0" + p.upstream_sql + b"\0" + p.types
-        return b"P" + _U32.pack(len(body) + 4) + body
+        msg = b"P" + _U32.pack(len(body) + 4) + body
+        if not name:
+            p.unnamed_parse = msg
+        return msg
 
     def _ensure(self, be: BackendConnection, p: Prepared, named: bool) -> bytes:
         """Make sure the server connection holds the statement; returns its server name."""
