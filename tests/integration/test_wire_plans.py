@@ -84,23 +84,44 @@ async def test_a_shape_is_decided_once_and_audited_alike(planned: Planned) -> No
 
 
 async def test_lineage_classification_and_masked_statements(planned: Planned) -> None:
-    """Classification comes with the plan; a statement that is rewritten (a mask) never gets
-    one, and keeps its mask on every execution."""
+    """Classification comes with the plan; a masked statement's plan rewrites every execution
+    with its own constants, so the mask holds on each."""
     p = planned
     plans = p.runtime.plans
     async with await psycopg.AsyncConnection.connect(p.dsn("developer"), autocommit=True) as conn:
         before = plans.hits
         emails = []
         for i in (1, 2, 3):
-            cur = await conn.execute(f"SELECT email FROM customers WHERE id = {i}", prepare=False)
+            cur = await conn.execute(f"SELECT id, email FROM customers WHERE id = {i}", prepare=False)
             row = await cur.fetchone()
-            assert row is not None
-            emails.append(row[0])
-        assert plans.hits == before  # developer's customers.email is hashed: a rewrite each time
-        assert all(e is None or "@" not in e for e in emails), emails
+            assert row is not None and row[0] == i  # each statement's own constant
+            emails.append(row[1])
+        assert plans.hits - before == 2  # developer's customers.email is hashed
+        assert all(e and "@" not in e for e in emails) and len(set(emails)) == 3, emails
     recs = await p.records("developer", 3)
     assert all(r.extra.get("rewritten") for r in recs)
     assert all(r.classifications == {"email": ["PII.Email"]} for r in recs)
+    assert [r.sql for r in recs] == [f"SELECT id, email FROM customers WHERE id = {i}" for i in (1, 2, 3)]
+
+
+async def test_row_filter_holds_on_planned_statements(planned: Planned) -> None:
+    """The analyst sees customers of region "eu" only (demo row filter): planned statements of one shape
+    keep the filter, each with its own constant."""
+    p = planned
+    async with await psycopg.AsyncConnection.connect(p.dsn("admin"), autocommit=True) as conn:
+        cur = await conn.execute("SELECT id, region FROM customers ORDER BY id")
+        regions: dict[int, str] = dict(await cur.fetchall())
+    plans = p.runtime.plans
+    async with await psycopg.AsyncConnection.connect(p.dsn("analyst"), autocommit=True) as conn:
+        before = plans.hits
+        seen = {}
+        for i in sorted(regions)[:6]:
+            cur = await conn.execute(f"SELECT id FROM customers WHERE id = {i}", prepare=False)
+            seen[i] = await cur.fetchall()
+        assert plans.hits - before == 5
+    for i, rows in seen.items():
+        assert rows == ([(i,)] if regions[i] == "eu" else []), (i, regions[i], rows)
+    assert any(regions[i] == "eu" for i in seen) and any(regions[i] != "eu" for i in seen)
     async with await psycopg.AsyncConnection.connect(p.dsn("admin"), autocommit=True) as conn:
         before = plans.hits
         for i in (1, 2, 3):

@@ -3,26 +3,28 @@
 A door that authenticates its client itself and executes by itself (the wire door) sends one
 statement after another that differ only in their literals (pgbench, an ORM's point lookups).
 For such a statement everything but the execution is decided by its *shape*: the analysis (cached
-by normalized text), the policy decision (a function of who, where and the analysis), whether a
-rewrite applies (it does not, for a plan: see below) and the classification by lineage. The full
-pipeline runs for the first statement of a shape; when it succeeded, what it decided is kept as a
-:class:`Plan`. Later statements of the same shape, from the same identity, in the same database
-and search_path, under the same configuration, policy and catalog snapshot, skip straight to what
-must happen per statement, in the pipeline's order and with its guarantees:
+by normalized text), the policy decision (a function of who, where and the analysis), which row
+filters and masks apply (the rewrite itself is redone for each statement, with its constants,
+through the rewrite cache) and the classification by lineage. The full pipeline runs for the
+first statement of a shape; when it succeeded, what it decided is kept as a :class:`Plan`. Later
+statements of the same shape, from the same identity, in the same database and search_path,
+under the same configuration, policy and catalog snapshot, skip straight to what must happen per
+statement, in the pipeline's order and with its guarantees:
 
 - audit outermost: exactly one record per statement, whatever happens (the same record the
   pipeline would write: the same fields from the same request);
 - metrics;
 - the rate limiter: every statement spends its token (and a refusal is audited as such);
+- the rewrite for row filters and masks, when the decision has any;
 - the door's executor;
 - the lineage classification.
 
-What never gets a plan: anything that failed or was denied; statements that were rewritten
-(masks, row filters); statements that are not plain SELECT/INSERT/UPDATE/DELETE/MERGE (their
-literals can matter: ``SET``, ``COPY``, utility statements); statements naming a relation the
-catalog snapshot does not know; dry runs; requests whose results carry rows to classify by value.
-Anything unusual about a request (no identity, a preflight error, an empty or oversized or NUL-
-containing text, parameters) sends it through the full pipeline, which reports it as always.
+What never gets a plan: anything that failed or was denied; statements that are not plain
+SELECT/INSERT/UPDATE/DELETE/MERGE (their literals can matter: ``SET``, ``COPY``, utility
+statements); statements naming a relation the catalog snapshot does not know; dry runs;
+requests whose results carry rows to classify by value. Anything unusual about a request (no
+identity, a preflight error, an empty or oversized or NUL-containing text, parameters) sends it
+through the full pipeline, which reports it as always.
 """
 
 from __future__ import annotations
@@ -37,13 +39,15 @@ from pglast.parser import ParseError, normalize
 
 from sqlproxy.pipeline.errors import ProxyError
 from sqlproxy.pipeline.request import Request
+from sqlproxy.pipeline.stages import rewrite_statements
 from sqlproxy.sql.cache import shape_cacheable
 
 if TYPE_CHECKING:
     from sqlproxy.execute.upstream import Upstream
     from sqlproxy.policy.engine import Decision
     from sqlproxy.runtime import Runtime
-    from sqlproxy.sql.model import Analysis
+    from sqlproxy.sql.model import Analysis, TableName
+    from sqlproxy.sql.rewrite import RelationRewrite
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +61,9 @@ PLANNED_DOORS = frozenset({"wire"})
 class Plan:
     analysis: Analysis
     decision: Decision
+    # Row filters and masks to apply (the statement is rewritten on every execution, with its
+    # own constants, through the rewrite cache); empty when the statement runs as sent.
+    directives: dict[TableName, RelationRewrite]
     classifications: list[dict[str, list[str]]]
     database: str
     upstream: Upstream
@@ -136,7 +143,6 @@ class Plans:
             or not decision.allowed
             or upstream is None
             or req.database is None
-            or req.rewritten
             or req.executor is None
             or req.identity is None
             or req.dry_run
@@ -145,7 +151,6 @@ class Plans:
             or not a.all_known
             or len(a.statements) != 1
             or any(r.rows for r in req.results)
-            or self.rt.rewrite_directives(decision)
         ):
             return
         try:
@@ -163,6 +168,7 @@ class Plans:
         self._plans[key] = Plan(
             analysis=a,
             decision=decision,
+            directives=self.rt.rewrite_directives(decision),
             classifications=list(req.classifications),
             database=req.database,
             upstream=upstream,
@@ -187,7 +193,10 @@ class Plans:
                 req.upstream = plan.upstream
                 req.analysis = plan.analysis
                 req.decision = plan.decision
-                req.statements = [req.sql or ""]
+                texts = [req.sql or ""]
+                if plan.directives:
+                    texts = rewrite_statements(rt, req, texts, plan.directives)
+                req.statements = texts
                 t = time.perf_counter()
                 try:
                     await req.executor(req)

@@ -30,6 +30,8 @@ from sqlproxy.sql.model import Analysis, SqlSyntaxError, StatementKind
 if TYPE_CHECKING:
     from sqlproxy.auth.users import Identity
     from sqlproxy.runtime import Runtime
+    from sqlproxy.sql.model import TableName
+    from sqlproxy.sql.rewrite import RelationRewrite
 
 log = logging.getLogger(__name__)
 
@@ -212,36 +214,43 @@ class RewriteStage:
 
     async def __call__(self, req: Request, call_next: Next) -> None:
         t = time.perf_counter()
-        assert req.sql is not None and req.decision is not None and req.upstream is not None
-        assert req.analysis is not None
+        assert req.sql is not None and req.decision is not None and req.analysis is not None
         texts = list(pg_parser.split(req.sql)) if len(req.analysis.statements) > 1 else [req.sql]
         directives = self.rt.rewrite_directives(req.decision)
         if directives:
-            from sqlproxy.sql.rewrite import RewriteError
-            from sqlproxy.sql.rewrite_cache import SHARED as rewrite_cache
-
-            catalog = req.upstream.catalog
-            assert catalog is not None
-            path = list(req.search_path or req.upstream.config.search_path)
-            out: list[str] = []
-            for st, text in zip(req.analysis.statements, texts, strict=True):
-                touched = {r.table for r in st.relations}
-                mine = {tn: d for tn, d in directives.items() if tn in touched}
-                if mine:
-                    try:
-                        text = rewrite_cache.rewrite(text, mine, catalog, path, self.rt.mask_salt)
-                    except RewriteError as e:
-                        raise Denied(
-                            f"cannot apply row filter or mask: {e}", rule=req.decision.rule
-                        ) from None
-                    req.rewritten = True
-                if st.search_path is not None:
-                    path = list(st.search_path)
-                out.append(text)
-            texts = out
+            texts = rewrite_statements(self.rt, req, texts, directives)
         req.statements = texts
         req.stage_seconds[self.name] = time.perf_counter() - t
         await call_next(req)
+
+
+def rewrite_statements(
+    rt: Runtime, req: Request, texts: list[str], directives: dict[TableName, RelationRewrite]
+) -> list[str]:
+    """``texts`` (the request's statements, in order) with the row filters and masks of
+    ``directives`` applied to the statements that touch their tables; sets ``req.rewritten``
+    when any was. Raises Denied when a statement cannot be rewritten safely."""
+    from sqlproxy.sql.rewrite import RewriteError
+    from sqlproxy.sql.rewrite_cache import SHARED as rewrite_cache
+
+    assert req.analysis is not None and req.upstream is not None and req.decision is not None
+    catalog = req.upstream.catalog
+    assert catalog is not None
+    path = list(req.search_path or req.upstream.config.search_path)
+    out: list[str] = []
+    for st, text in zip(req.analysis.statements, texts, strict=True):
+        touched = {r.table for r in st.relations}
+        mine = {tn: d for tn, d in directives.items() if tn in touched}
+        if mine:
+            try:
+                text = rewrite_cache.rewrite(text, mine, catalog, path, rt.mask_salt)
+            except RewriteError as e:
+                raise Denied(f"cannot apply row filter or mask: {e}", rule=req.decision.rule) from None
+            req.rewritten = True
+        if st.search_path is not None:
+            path = list(st.search_path)
+        out.append(text)
+    return out
 
 
 class ExecuteStage:
