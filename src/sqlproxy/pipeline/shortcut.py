@@ -29,8 +29,6 @@ through the full pipeline, which reports it as always.
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -39,7 +37,7 @@ from pglast.parser import ParseError, normalize
 
 from sqlproxy.pipeline.errors import ProxyError
 from sqlproxy.pipeline.request import Request
-from sqlproxy.pipeline.stages import rewrite_statements
+from sqlproxy.pipeline.stages import audit, internal_error, rewrite_statements
 from sqlproxy.sql.cache import shape_cacheable
 
 if TYPE_CHECKING:
@@ -49,7 +47,6 @@ if TYPE_CHECKING:
     from sqlproxy.sql.model import Analysis, TableName
     from sqlproxy.sql.rewrite import RelationRewrite
 
-log = logging.getLogger(__name__)
 
 _MAX_PLANS = 10_000
 # Doors whose results never carry rows to classify by value (the wire door forwards rows without
@@ -207,12 +204,8 @@ class Plans:
                 req.error = e
                 raise
             except Exception as e:
-                log.exception("internal error in request %s", req.id)
-                req.error = ProxyError(f"internal error: {type(e).__name__}")
-                raise req.error from e
+                raise internal_error(req, e) from e
             finally:
                 rt.metrics.observe_request(req)
         finally:
-            record = rt.audit_record(req)
-            if not rt.audit.try_enqueue(record):
-                await asyncio.shield(rt.audit.enqueue(record))
+            await audit(rt, req)

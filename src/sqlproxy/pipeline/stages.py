@@ -54,15 +54,26 @@ class AuditStage:
             req.error = e
             raise
         except Exception as e:
-            log.exception("internal error in request %s", req.id)
-            req.error = ProxyError(f"internal error: {type(e).__name__}")
-            raise req.error from e
+            raise internal_error(req, e) from e
         finally:
-            # Queued at once when the audit queue has room (nearly always: no task, no await).
-            # Else wait for room, shielded so that cancellation (client gone) still leaves it.
-            record = self.rt.audit_record(req)
-            if not self.rt.audit.try_enqueue(record):
-                await asyncio.shield(self.rt.audit.enqueue(record))
+            await audit(self.rt, req)
+
+
+def internal_error(req: Request, e: Exception) -> ProxyError:
+    """What ``req`` ends with when an unexpected ``e`` escaped it: an internal error, logged
+    with the request id (the client sees only the exception's type)."""
+    log.exception("internal error in request %s", req.id)
+    req.error = ProxyError(f"internal error: {type(e).__name__}")
+    return req.error
+
+
+async def audit(rt: Runtime, req: Request) -> None:
+    """Leave ``req``'s audit record. Queued at once when the audit queue has room (nearly
+    always: no task, no await); else wait for room, shielded so that cancellation (the client
+    gone) still leaves it."""
+    record = rt.audit_record(req)
+    if not rt.audit.try_enqueue(record):
+        await asyncio.shield(rt.audit.enqueue(record))
 
 
 class MetricsStage:
