@@ -159,6 +159,10 @@ async def test_a_reload_retires_every_plan(planned: Planned) -> None:
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             await conn.execute("SELECT id FROM orders WHERE id = 3", prepare=False)
         assert p.runtime.plans.hits == hits
+        # Plans made under the old configuration are dropped when the next one is learnt.
+        await conn.execute("SELECT 1 AS one", prepare=False)
+        plans = list(p.runtime.plans._plans.values())
+        assert plans and all(pl.holds[1] is p.runtime.config.current for pl in plans)
         p.config_path.write_text(text)
         p.runtime.reload()
 

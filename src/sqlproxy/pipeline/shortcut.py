@@ -72,7 +72,11 @@ class Plans:
     def __init__(self, runtime: Runtime) -> None:
         self.rt = runtime
         self._plans: dict[tuple[object, ...], Plan] = {}
+        self._generations: dict[str, tuple[object, ...]] = {}
         self.hits = 0
+
+    def __len__(self) -> int:
+        return len(self._plans)
 
     def _key(self, req: Request, normalized: str) -> tuple[tuple[object, ...], tuple[object, ...]] | None:
         rt = self.rt
@@ -160,6 +164,14 @@ class Plans:
         if found is None:
             return
         key, holds = found
+        # holds = (identity, config, services, catalog, upstream). When a reload or a new
+        # catalog snapshot is first seen, the plans made under the old ones can never be used
+        # again: drop them now rather than keep old catalogs alive until the cache fills up.
+        generation = holds[1:]
+        if self._generations.get(req.database) != generation:
+            self._generations[req.database] = generation
+            db = req.database
+            self._plans = {k: p for k, p in self._plans.items() if p.database != db or p.holds[1:] == generation}
         if len(self._plans) >= _MAX_PLANS:
             self._plans.clear()
         self._plans[key] = Plan(
