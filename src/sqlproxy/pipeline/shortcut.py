@@ -171,7 +171,8 @@ class Plans:
         if self._generations.get(req.database) != generation:
             self._generations[req.database] = generation
             db = req.database
-            self._plans = {k: p for k, p in self._plans.items() if p.database != db or p.holds[1:] == generation}
+            kept = {k: p for k, p in self._plans.items() if p.database != db or p.holds[1:] == generation}
+            self._plans = kept
         if len(self._plans) >= _MAX_PLANS:
             self._plans.clear()
         self._plans[key] = Plan(
