@@ -101,3 +101,23 @@ async def test_non_admin_may_not_watch_others_or_metrics(live: LiveProxy) -> Non
     err = await c.recv()
     assert err["code"] == "forbidden" and err["id"] == "m"
     await c.close()
+
+
+async def test_frame_limit_counts_bytes_not_characters(live: LiveProxy) -> None:
+    """max_frame_bytes (1 MiB) is a limit in UTF-8 bytes: a frame of 300,000 four-byte
+    characters (1.2 MB) is refused with frame_too_big and close 1009, though it holds fewer
+    characters than the limit; the same number of ASCII characters is an ordinary frame."""
+    limit = live.runtime.config.current.stream.max_frame_bytes
+    c = await live.ws("analyst")
+    await c.ready()
+    ascii_frame = json.dumps({"type": "ping", "pad": "a" * 300_000})
+    assert len(ascii_frame.encode()) < limit
+    await c.conn.send(ascii_frame)
+    err = await c.recv()
+    assert err["type"] == "error" and err["code"] == "bad_frame", err
+    wide = json.dumps({"type": "ping", "pad": "\U0001f600" * 300_000}, ensure_ascii=False)
+    assert len(wide) < limit < len(wide.encode())
+    await c.conn.send(wide)
+    err = await c.recv()
+    assert err["type"] == "error" and err["code"] == "frame_too_big", err
+    assert await _closed_code(c.conn) == 1009

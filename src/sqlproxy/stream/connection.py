@@ -180,7 +180,7 @@ class StreamConnection:
                 return False
             text = msg.get("text")
             frame: Any = None
-            if isinstance(text, str) and len(text) <= self.cfg.max_frame_bytes:
+            if isinstance(text, str) and not self._too_big(text):
                 with contextlib.suppress(FrameError):
                     frame = parse_client_frame(text)
             if not isinstance(frame, AuthFrame):
@@ -237,6 +237,13 @@ class StreamConnection:
             if not await self.send({"type": "heartbeat", "ts": ts}):
                 return
 
+    def _too_big(self, text: str) -> bool:
+        """Over ``max_frame_bytes`` in UTF-8, as the frame came (not in characters: one may be
+        four bytes). Short texts are not encoded to be measured."""
+        limit = self.cfg.max_frame_bytes
+        n = len(text)
+        return n > limit or (n * 4 > limit and len(text.encode("utf-8", "surrogatepass")) > limit)
+
     async def _read_loop(self) -> None:
         while True:
             msg = await self.ws.receive()
@@ -247,7 +254,7 @@ class StreamConnection:
                 await self.send(error_frame("unsupported_data", "frames are JSON text; binary is refused"))
                 await self.close(CLOSE_UNSUPPORTED, "binary frames are not supported")
                 return
-            if len(text) > self.cfg.max_frame_bytes:
+            if self._too_big(text):
                 await self.send(
                     error_frame("frame_too_big", f"frames are limited to {self.cfg.max_frame_bytes} bytes")
                 )
