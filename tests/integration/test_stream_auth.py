@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from tests.fix_stream import LiveProxy
+from sqlproxy.stream.frames import PROTOCOL
+from tests.fix_stream import LiveProxy, start_live_proxy
 
 
 async def _closed_code(client_conn) -> int | None:
@@ -121,3 +123,18 @@ async def test_frame_limit_counts_bytes_not_characters(live: LiveProxy) -> None:
     err = await c.recv()
     assert err["type"] == "error" and err["code"] == "frame_too_big", err
     assert await _closed_code(c.conn) == 1009
+
+
+async def test_disabled_door_closes_with_1013_and_still_selects_the_subprotocol(
+    demo_dsn: str, tmp_path: Path, demo_keys: dict[str, str]
+) -> None:
+    """A browser that offers sqlproxy.stream.v1 fails any handshake that drops it (1006) and
+    would never see why: the disabled door selects it and then closes with 1013."""
+    proxy = await start_live_proxy(tmp_path / "off", demo_dsn, demo_keys, "[stream]\nenabled = false\n")
+    try:
+        async with connect(proxy.ws_url, subprotocols=[PROTOCOL]) as conn:  # type: ignore[list-item]
+            assert conn.subprotocol == PROTOCOL
+            assert await _closed_code(conn) == 1013
+            assert conn.close_reason == "the stream door is disabled"
+    finally:
+        await proxy.stop()
