@@ -69,8 +69,10 @@ _ONE: Final = 0x31
 _TWO: Final = 0x32
 _THREE: Final = 0x33
 
-# take_frames_until stops at anything but DataRow (or CopyData): row floods go through as one block.
-_NOT_DATAROW: Final = frozenset(range(256)) - {_D}
+# For a Query or an Execute, take_frames_until passes RowDescription, DataRow, notices and
+# notifications through as one block, unread; it stops at everything else, which the loop below
+# looks at (and refuses when unexpected). During COPY TO STDOUT it stops at anything but CopyData.
+_LOOKED_AT: Final = frozenset(range(256)) - {_T, _D, _N, _A}
 _NOT_COPYDATA: Final = frozenset(range(256)) - {_d}
 _U32 = struct.Struct("!I")
 _ASYNC: Final = frozenset({_N, _A, _S})
@@ -282,7 +284,7 @@ class ResponsePump:
                             cs.bytes += len(block) - 5 * dec.taken  # payload: headers left out
                             out.append(block)
                     else:
-                        block = dec.take_frames_until(_NOT_DATAROW)
+                        block = dec.take_frames_until(_LOOKED_AT)
                         if block:
                             out.append(block)
             else:
