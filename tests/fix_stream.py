@@ -30,7 +30,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from sqlproxy.config.loader import ConfigHolder, load_config
 from sqlproxy.demo.launcher import write_demo_config
 from sqlproxy.runtime import Runtime
-from sqlproxy.server import build_app, uvicorn_config
+from sqlproxy.server import ProxyServer, build_app, uvicorn_config
 
 
 @dataclass
@@ -102,7 +102,7 @@ async def start_live_proxy(
     port = sock.getsockname()[1]
     # The same settings `sqlproxy serve` uses (TLS included); the socket is ours.
     config = uvicorn_config(app, holder, log_level="warning")
-    server = uvicorn.Server(config)
+    server = ProxyServer(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))
     scheme = "https" if client_tls is not None else "http"
     http = httpx.AsyncClient(base_url=f"{scheme}://127.0.0.1:{port}", timeout=60, verify=client_tls or True)

@@ -7,6 +7,7 @@ import contextlib
 import gc
 import logging
 import signal
+import socket
 from collections.abc import AsyncIterator, Mapping
 
 import uvicorn
@@ -90,6 +91,18 @@ def _tune_gc() -> None:
 _GC_YOUNG = 20_000
 
 
+class ProxyServer(uvicorn.Server):
+    """uvicorn's server, telling stream clients it is going away (close 1001) before it closes
+    their connections its own way (1012, "service restart")."""
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        runtime = getattr(getattr(self.config.app, "state", None), "runtime", None)
+        if isinstance(runtime, Runtime):
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(runtime.stream.close_all(), 5.0)
+        await super().shutdown(sockets)
+
+
 def serve(holder: ConfigHolder, env: Mapping[str, str] | None = None, log_level: str = "info") -> None:
     app = build_app(holder, env, own_process=True)
-    uvicorn.Server(uvicorn_config(app, holder, log_level)).run()
+    ProxyServer(uvicorn_config(app, holder, log_level)).run()

@@ -138,3 +138,24 @@ async def test_disabled_door_closes_with_1013_and_still_selects_the_subprotocol(
             assert conn.close_reason == "the stream door is disabled"
     finally:
         await proxy.stop()
+
+
+async def test_shutdown_says_going_away_with_1001(
+    demo_dsn: str, tmp_path: Path, demo_keys: dict[str, str]
+) -> None:
+    """Stopping the server (what SIGTERM does to `sqlproxy serve`) closes stream connections
+    with 1001, authenticated or still authenticating, before uvicorn closes the rest."""
+    proxy = await start_live_proxy(tmp_path / "down", demo_dsn, demo_keys)
+    stopped = False
+    try:
+        c = await proxy.ws("analyst")
+        await c.ready()
+        pending = await connect(proxy.ws_url)  # connected, not authenticated yet
+        await proxy.stop()
+        stopped = True
+        assert await _closed_code(c.conn) == 1001
+        assert c.conn.close_reason == "server shutting down"
+        assert await _closed_code(pending) == 1001
+    finally:
+        if not stopped:
+            await proxy.stop()

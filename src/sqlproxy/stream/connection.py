@@ -140,6 +140,7 @@ class StreamConnection:
             await self.close(CLOSE_TRY_AGAIN, "too many connections")
             return
         self.hub.connections += 1
+        self.hub.live.add(self)
         heartbeat: asyncio.Task[None] | None = None
         try:
             if not await self._authenticate():
@@ -148,6 +149,7 @@ class StreamConnection:
             await self._read_loop()
         finally:
             self.hub.connections -= 1
+            self.hub.live.discard(self)
             if heartbeat is not None:
                 heartbeat.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

@@ -9,6 +9,7 @@ waits for a WebSocket client.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import os
@@ -26,6 +27,7 @@ from sqlproxy.stream.stats import RollingStats
 
 if TYPE_CHECKING:
     from sqlproxy.runtime import Runtime
+    from sqlproxy.stream.connection import StreamConnection
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,8 @@ class StreamHub:
         self._subs: set[LiveSubscriber] = set()
         self.stats = RollingStats()
         self.connections = 0
+        # Open connections (authenticating ones included), for a shutdown to say goodbye to.
+        self.live: set[StreamConnection] = set()
         self.fanout: RedisFanout | None = None
         self._started = False
 
@@ -91,6 +95,13 @@ class StreamHub:
         if self.fanout is not None:
             await self.fanout.stop()
             self.fanout = None
+
+    async def close_all(self) -> None:
+        """Close every open stream connection with 1001 (going away): the server is shutting
+        down. Called before the ASGI server closes its connections its own way (1012)."""
+        conns = list(self.live)
+        if conns:
+            await asyncio.gather(*(c.shutdown() for c in conns), return_exceptions=True)
 
     # -- live ------------------------------------------------------------------------------------
     def attach(self, sub: LiveSubscriber) -> None:
