@@ -49,6 +49,8 @@ if TYPE_CHECKING:
 
 
 _MAX_PLANS = 10_000
+_MAX_TEXTS = 4_096
+_MAX_TEXT_CHARS = 2_048
 # Doors whose results never carry rows to classify by value (the wire door forwards rows without
 # reading them), so a shape's classification is its lineage's.
 PLANNED_DOORS = frozenset({"wire"})
@@ -73,6 +75,7 @@ class Plans:
         self.rt = runtime
         self._plans: dict[tuple[object, ...], Plan] = {}
         self._generations: dict[str, tuple[object, ...]] = {}
+        self._normalized: dict[str, str] = {}
         self.hits = 0
 
     def __len__(self) -> int:
@@ -118,10 +121,18 @@ class Plans:
             or "\x00" in sql
         ):
             return None
-        try:
-            normalized = normalize(sql)
-        except ParseError:
-            return None
+        normalized = self._normalized.get(sql)
+        if normalized is None:
+            try:
+                normalized = normalize(sql)
+            except ParseError:
+                return None
+            # Texts that recur verbatim (BEGIN, COMMIT, a query without literals) skip the
+            # normalizer next time; texts with a new literal each time just pass through.
+            if len(sql) <= _MAX_TEXT_CHARS:
+                if len(self._normalized) >= _MAX_TEXTS:
+                    self._normalized.clear()
+                self._normalized[sql] = normalized
         found = self._key(req, normalized)
         if found is None:
             return None
