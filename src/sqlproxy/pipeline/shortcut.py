@@ -207,9 +207,9 @@ class Plans:
                 assert ident is not None and req.executor is not None
                 rl = rt.rate_limiter
                 if rl.active:
-                    r = rl.try_acquire(ident.name, ident.roles, plan.database)
-                    if r is not None:
-                        await rl.after_rejection(r, ident.name, ident.roles, plan.database)
+                    pending = rl.admit(ident.name, ident.roles, plan.database)
+                    if pending is not None:
+                        await pending
                 req.database = plan.database
                 req.upstream = plan.upstream
                 req.analysis = plan.analysis

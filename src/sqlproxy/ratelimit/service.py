@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -111,9 +111,18 @@ class RateLimiter:
 
     async def acquire(self, user: str, roles: frozenset[str], database: str | None) -> None:
         """Admit the request or raise RateLimited naming the level that refused."""
+        pending = self.admit(user, roles, database)
+        if pending is not None:
+            await pending
+
+    def admit(
+        self, user: str, roles: frozenset[str], database: str | None
+    ) -> Coroutine[Any, Any, None] | None:
+        """``acquire`` without a coroutine on the common path: None when the local tier
+        admits the request; else a coroutine to await, which borrows from the cluster or
+        raises RateLimited."""
         r = self.try_acquire(user, roles, database)
-        if r is not None:
-            await self.after_rejection(r, user, roles, database)
+        return None if r is None else self.after_rejection(r, user, roles, database)
 
     async def after_rejection(
         self, r: Rejection, user: str, roles: frozenset[str], database: str | None

@@ -30,9 +30,9 @@ class RateLimitStage:
             db = self.rt.config.current.resolve_database(req.database)
             try:
                 # The local check needs no await; only a refusal may ask the cluster.
-                r = rl.try_acquire(ident.name, ident.roles, db)
-                if r is not None:
-                    await rl.after_rejection(r, ident.name, ident.roles, db)
+                pending = rl.admit(ident.name, ident.roles, db)
+                if pending is not None:
+                    await pending
             finally:
                 req.stage_seconds[self.name] = time.perf_counter() - t
         await call_next(req)

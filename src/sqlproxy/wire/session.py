@@ -22,7 +22,7 @@ import ssl
 import struct
 from collections import deque
 from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from sqlproxy.auth.users import Identity, _source_lock_key, _user_lock_key, parse_source_ip
 from sqlproxy.pipeline.errors import ProxyError, RateLimited, Unauthenticated, UpstreamError
@@ -54,7 +54,6 @@ from sqlproxy.protocol.messages import (
     StartupMessage,
 )
 from sqlproxy.protocol.scram import ScramServer, ScramVerifier
-from sqlproxy.ratelimit.hierarchy import Rejection
 from sqlproxy.sql.model import Analysis, StatementKind
 from sqlproxy.wire.backend import BackendConnection
 from sqlproxy.wire.decide import Prepared, pins
@@ -1124,26 +1123,24 @@ class WireSession(asyncio.Protocol, PumpOwner):
             pump.expect(Exp(DESCRIBE_P))
             self._send(_frame(b"D", payload))
 
-    def _admit_execute(self, payload: bytes) -> tuple[Prepared, Rejection] | None:
+    def _admit_execute(self, payload: bytes) -> tuple[Prepared, Coroutine[Any, Any, None]] | None:
         """Each Execute spends a rate-limit token, as a simple Query does (the statement was
-        decided once, at Parse). None when admitted by the local tier, else what the slow
-        path (``_execute_after_rejection``) needs."""
+        decided once, at Parse). None when admitted by the local tier, else the statement and
+        the limiter's slow path to await (``_execute_after_rejection``)."""
         p = self.portals.get(payload[: _nul(payload)])
         ident = self.identity
         if p is None or p.analysis is None or ident is None:
             return None  # nothing runs (an empty statement, or the server reports the error)
-        r = self.rt.rate_limiter.try_acquire(ident.name, ident.roles, self.database)
-        return None if r is None else (p, r)
+        pending = self.rt.rate_limiter.admit(ident.name, ident.roles, self.database)
+        return None if pending is None else (p, pending)
 
     async def _execute_after_rejection(
-        self, be: BackendConnection, payload: bytes, p: Prepared, r: Rejection
+        self, be: BackendConnection, payload: bytes, p: Prepared, pending: Coroutine[Any, Any, None]
     ) -> None:
         """The local tier refused: the cluster may still lend budget. A refusal fails the
         batch up to Sync and is audited."""
-        ident = self.identity
-        assert ident is not None
         try:
-            await self.rt.rate_limiter.after_rejection(r, ident.name, ident.roles, self.database)
+            await pending
         except RateLimited as e:
             req = self._execute_request(p)
             req.error = e
