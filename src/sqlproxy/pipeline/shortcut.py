@@ -165,13 +165,9 @@ class Plans:
             or any(r.rows for r in req.results)
         ):
             return
-        try:
-            normalized = normalize(req.sql or "")
-        except ParseError:
-            return
-        if normalized != a.normalized:
-            return  # analysed under another text (the analysis cache's exact key): be safe
-        found = self._key(req, normalized)
+        # The plan is kept under the normalized text its analysis was made from: a lookup finds
+        # it only for statements of that very shape, whatever text this request had.
+        found = self._key(req, a.normalized)
         if found is None:
             return
         key, holds = found
