@@ -23,6 +23,7 @@ from sqlproxy.classify.classifier import Classifier
 from sqlproxy.config.loader import ConfigHolder
 from sqlproxy.config.models import MaskKind, ProxyConfig
 from sqlproxy.execute.upstream import Upstream
+from sqlproxy.memo import IdMemo
 from sqlproxy.metrics import Metrics
 from sqlproxy.pipeline.pipeline import Pipeline, Stage
 from sqlproxy.pipeline.request import Request
@@ -93,7 +94,7 @@ class Runtime:
         # What an audit record takes from an analysis (kinds, relations, output columns), built
         # once per analysis object: the analysis cache hands the same object to every statement
         # of one shape. Keyed by id(); each entry holds its analysis, so the id stays its own.
-        self._audit_parts: dict[int, tuple[Analysis, _AuditParts]] = {}
+        self._audit_parts: IdMemo[Analysis, _AuditParts] = IdMemo(_AUDIT_PARTS_MAX)
         self._audit_roles: dict[frozenset[str], Shared] = {}
 
     def _stages(self) -> list[Stage]:
@@ -222,9 +223,9 @@ class Runtime:
 
     def _analysis_audit_parts(self, a: Analysis) -> _AuditParts:
         # Shared between records, with their JSON text: no one may change them.
-        hit = self._audit_parts.get(id(a))
-        if hit is not None and hit[0] is a:
-            return hit[1]
+        hit = self._audit_parts.get(a)
+        if hit is not None:
+            return hit
         parts: _AuditParts = (
             shared_strs(a.kinds),
             shared_list(
@@ -233,10 +234,7 @@ class Runtime:
             ),
             shared_strs(o.name for st in a.statements for o in st.outputs),
         )
-        if len(self._audit_parts) >= _AUDIT_PARTS_MAX:
-            self._audit_parts.clear()
-        self._audit_parts[id(a)] = (a, parts)
-        return parts
+        return self._audit_parts.put(a, parts)
 
     def _audit_roles_of(self, roles: frozenset[str]) -> Shared:
         hit = self._audit_roles.get(roles)

@@ -17,6 +17,7 @@ from fnmatch import translate
 
 from sqlproxy.classify.detectors import Detector, DetectorRegistry
 from sqlproxy.config.models import ClassificationConfig
+from sqlproxy.memo import IdMemo
 from sqlproxy.sql.model import ColumnSource, OutputColumn
 
 # Distinct source sets seen in practice are bounded by the schema, but the cache must not grow
@@ -70,7 +71,7 @@ class Classifier:
         )
         self._rules = tuple(_compile_rule(i, r.columns, r.classification) for i, r in enumerate(config.rules))
         self._lineage_cache: dict[frozenset[ColumnSource], frozenset[str]] = {}
-        self._outputs_cache: dict[int, tuple[Sequence[OutputColumn], dict[str, list[str]]]] = {}
+        self._outputs_cache: IdMemo[Sequence[OutputColumn], dict[str, list[str]]] = IdMemo(_LINEAGE_CACHE_MAX)
 
     # -- lineage -------------------------------------------------------------------------------
     def source_labels(self, source: ColumnSource) -> frozenset[str]:
@@ -143,14 +144,10 @@ class Classifier:
         Without rows the answer depends only on ``outputs``, which an analysis shares with every
         statement of its shape: it is made once per outputs object and shared (read-only)."""
         if not rows:
-            hit = self._outputs_cache.get(id(outputs))
-            if hit is not None and hit[0] is outputs:
-                return hit[1]
-            result = self._classify(outputs, None)
-            if len(self._outputs_cache) >= _LINEAGE_CACHE_MAX:
-                self._outputs_cache.clear()
-            self._outputs_cache[id(outputs)] = (outputs, result)
-            return result
+            hit = self._outputs_cache.get(outputs)
+            if hit is not None:
+                return hit
+            return self._outputs_cache.put(outputs, self._classify(outputs, None))
         return self._classify(outputs, rows)
 
     def _classify(

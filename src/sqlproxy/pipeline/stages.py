@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from pglast import parser as pg_parser
 
+from sqlproxy.memo import IdMemo
 from sqlproxy.pipeline.errors import (
     BadRequest,
     Denied,
@@ -186,19 +187,16 @@ class PolicyStage:
         self.rt = runtime
         # The principal of each identity, made once: identities are rebuilt on reload, so an
         # entry keeps its identity object and is only used for that same object.
-        self._principals: dict[int, tuple[Identity, Principal]] = {}
+        self._principals: IdMemo[Identity, Principal] = IdMemo()
 
     def _principal(self, ident: Identity) -> Principal:
-        hit = self._principals.get(id(ident))
-        if hit is not None and hit[0] is ident:
-            return hit[1]
+        hit = self._principals.get(ident)
+        if hit is not None:
+            return hit
         principal = Principal(
             name=ident.name, roles=ident.roles, attributes=ident.attributes, admin=ident.admin
         )
-        if len(self._principals) >= 4096:
-            self._principals.clear()
-        self._principals[id(ident)] = (ident, principal)
-        return principal
+        return self._principals.put(ident, principal)
 
     async def __call__(self, req: Request, call_next: Next) -> None:
         t = time.perf_counter()

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 from sqlproxy.audit.record import AuditRecord
+from sqlproxy.memo import IdMemo
 
 
 class _Event(NamedTuple):  # a tuple: one is made per audit record
@@ -35,18 +36,15 @@ class RollingStats:
         self._denied: deque[dict[str, Any]] = deque(maxlen=recent_denied)
         self.totals: Counter[str] = Counter()
         self.started = time.monotonic()
-        self._tables_of: dict[int, tuple[list[Any], tuple[str, ...]]] = {}
+        self._tables_of: IdMemo[list[Any], tuple[str, ...]] = IdMemo()
 
     def _tables(self, relations: list[Any]) -> tuple[str, ...]:
         # Records of one statement shape share their relations list: its tables are read once.
-        hit = self._tables_of.get(id(relations))
-        if hit is not None and hit[0] is relations:
-            return hit[1]
+        hit = self._tables_of.get(relations)
+        if hit is not None:
+            return hit
         tables = tuple(str(rel.get("table")) for rel in relations if isinstance(rel, dict))
-        if len(self._tables_of) >= 4096:
-            self._tables_of.clear()
-        self._tables_of[id(relations)] = (relations, tables)
-        return tables
+        return self._tables_of.put(relations, tables)
 
     def add(self, node: str, records: Sequence[AuditRecord]) -> None:
         now = time.monotonic()

@@ -25,6 +25,7 @@ from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, cast
 
 from sqlproxy.auth.users import Identity, _source_lock_key, _user_lock_key, parse_source_ip
+from sqlproxy.memo import IdMemo
 from sqlproxy.pipeline.errors import ProxyError, RateLimited, Unauthenticated, UpstreamError
 from sqlproxy.pipeline.request import Request
 from sqlproxy.protocol.errors import (
@@ -137,22 +138,18 @@ def _copy_over(call: SimpleCall, stats: CopyStats) -> Callable[[], bool]:
 
 
 _EFFECT_KINDS = frozenset({StatementKind.SET, StatementKind.DISCARD, StatementKind.TRANSACTION})
-_effects: dict[int, tuple[Analysis, tuple[bool, bool]]] = {}
+_effects: IdMemo[Analysis, tuple[bool, bool]] = IdMemo()
 
 
 def _session_effects(a: Analysis) -> tuple[bool, bool]:
     """(pins the session, may change what the session carries: SET, search_path, DISCARD,
     the end of a transaction), once per analysis object: the analysis cache hands the same
     object to every statement of one shape."""
-    hit = _effects.get(id(a))
-    if hit is not None and hit[0] is a:
-        return hit[1]
+    hit = _effects.get(a)
+    if hit is not None:
+        return hit
     stateful = any(st.kind in _EFFECT_KINDS or st.search_path is not None for st in a.statements)
-    flags = (pins(a), stateful)
-    if len(_effects) >= 4096:
-        _effects.clear()
-    _effects[id(a)] = (a, flags)
-    return flags
+    return _effects.put(a, (pins(a), stateful))
 
 
 def _nul(payload: bytes, start: int = 0) -> int:
