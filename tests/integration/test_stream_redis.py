@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
+import redis.asyncio
 
 from tests.fix_stream import LiveProxy, start_live_proxy
 
@@ -109,4 +110,39 @@ async def test_resume_across_nodes_has_no_gap(two_nodes: tuple[LiveProxy, LivePr
         assert [r["seq"] for r in got if r["node"] == node] == expect[
             : len([r for r in got if r["node"] == node])
         ]
+    await c2.close()
+
+
+async def test_resume_from_the_start_of_a_trimmed_stream_is_reported(
+    two_nodes: tuple[LiveProxy, LiveProxy], redis_url: str
+) -> None:
+    """Resuming a node from seq 0 asks for all it ever published: if Redis no longer holds the
+    first records (trimmed by retention), the subscriber must be told, not silently skip them."""
+    a, b = two_nodes
+    c = await b.ws("admin")
+    await c.ready()
+    await c.send({"type": "subscribe", "channel": "audit", "id": "w", "filters": {"user": "developer"}})
+    await c.recv_type("live", "w")
+    ids = [(await a.query("developer", f"SELECT {i}")).json()["id"] for i in range(4)]
+    got = await c.audit_until("w", lambda r: r["id"] == ids[-1])
+    seqs = [r["seq"] for r in got if r["node"] == "node-a"]
+    await c.close()
+    fanout = b.runtime.stream.fanout
+    assert fanout is not None
+    key = fanout.key("node-a")
+    r = redis.asyncio.from_url(redis_url)
+    try:
+        # Exact (not approximate) trimming: drop everything before the last record.
+        await r.xtrim(key, minid=f"{seqs[-1]}-0", approximate=False)
+        assert await r.xlen(key) == 1
+    finally:
+        await r.aclose()
+    c2 = await b.ws("admin")
+    await c2.ready()
+    await c2.send({"type": "subscribe", "channel": "audit", "id": "t", "resume": {"node-a": 0}})
+    await c2.recv_type("subscribed", "t")
+    err = await c2.recv_type("error", "t")
+    assert err["code"] == "resume_unavailable" and err["node"] == "node-a"
+    assert err["first_available"] == seqs[-1]
+    await c2.recv_type("live", "t")
     await c2.close()

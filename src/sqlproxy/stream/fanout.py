@@ -237,10 +237,13 @@ class RedisFanout:
 
     async def replay(self, node: str, after: int, limit: int = _PAGE) -> list[AuditRecord]:
         """Records of ``node`` after seq ``after`` still retained in Redis (up to ``limit``)."""
+        # A node's sequence starts at 1, so "after 0" asks for everything it published: a stream
+        # whose first entry is later than after + 1 was trimmed (or never held those records),
+        # whichever cursor the subscriber resumes from.
         entries = await self._pub.xrange(self.key(node), min=f"({after}-0", max="+", count=limit)
-        if entries and _seq_of(entries[0][0]) != after + 1 and after > 0:
+        if entries and _seq_of(entries[0][0]) != after + 1:
             raise ResumeGap(node, after, _seq_of(entries[0][0]))
-        if not entries and after > 0:
+        if not entries:
             first = await self._pub.xrange(self.key(node), count=1)
             if first and _seq_of(first[0][0]) > after + 1:
                 raise ResumeGap(node, after, _seq_of(first[0][0]))
