@@ -7,6 +7,9 @@ One run starts everything it measures, each a separate process on a free loopbac
 - one PgBouncer with two databases, `bench_tx` (pool_mode transaction) and `bench_session`
   (pool_mode session), pool_size = --pool-size; run as the unprivileged `postgres` user when
   we are root (Debian's pgbouncer refuses root);
+- a bare Python forwarder (bench/bare_forwarder.py: uvloop Protocols, one upstream connection
+  per client, no parsing, no policy, no audit): the ceiling of any proxy written in Python on
+  this machine, measured in the same run;
 - two `sqlproxy serve` processes with the full pipeline (SCRAM login, rate limiting with
   limits high enough not to bite, pglast analysis, policy: `bench` may read and write
   pgbench_* and nothing else, audit to JSONL + SQLite), one in transaction pool mode and one in
@@ -17,7 +20,8 @@ against each target, interleaved, for --rounds rounds, and one TPC-B run (pgbenc
 script, -c 8) per target. PgBouncer 1.18 cannot keep prepared statements in transaction mode,
 so the prepared runs go to its session-mode pool; sqlproxy runs prepared in both modes.
 
-Prints TPS per target and mode, the ratios sqlproxy / PgBouncer and sqlproxy / direct, the
+Prints TPS per target and mode, the ratios sqlproxy / PgBouncer and sqlproxy / direct (and the
+bare forwarder's, for scale), the
 failed-transaction counts pgbench reported, the machine load, and the number of audit records
 sqlproxy wrote (so the figures are for the full pipeline, audit included). For PgBouncer and
 sqlproxy it also prints the CPU time their process used per transaction (from /proc): on a busy
@@ -237,6 +241,24 @@ log_disconnections = 0
         cwd=d,
     )
     wait_port(port, proc, "pgbouncer")
+    return proc, port
+
+
+# ------------------------------------------------------------------------------------------
+# the bare Python forwarder: what any Python proxy can reach here
+
+
+def start_forwarder(tmp: Path, pg_port: int) -> tuple[subprocess.Popen[bytes], int]:
+    port = free_port()
+    log = (tmp / "forwarder.log").open("wb")
+    script = str(Path(__file__).with_name("bare_forwarder.py"))
+    proc = subprocess.Popen(
+        [sys.executable, script, "--port", str(port), "--upstream-port", str(pg_port)],
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    wait_port(port, proc, "bare Python forwarder")
     return proc, port
 
 
@@ -510,6 +532,8 @@ def main() -> int:
         prepare_postgres(pg, password, pgbench, args.scale)
         bouncer, bouncer_port = start_pgbouncer(tmp, pg.port, password, args.pool_size)
         procs.append((bouncer, "pgbouncer"))
+        forwarder, forwarder_port = start_forwarder(tmp, pg.port)
+        procs.append((forwarder, "bare Python forwarder"))
         upstream = f"postgresql://{BENCH_USER}:{password}@127.0.0.1:{pg.port}/{BENCH_DB}"
         for name, mode in (("sqlproxy-tx", "transaction"), ("sqlproxy-session", "session")):
             p = start_sqlproxy(tmp, name, upstream, password, mode, args.pool_size)
@@ -527,10 +551,11 @@ def main() -> int:
         sp_ses = Target(
             "sqlproxy-session", "sqlproxy (session)", proxies[1].port, BENCH_DB, proxies[1].proc.pid
         )
+        fwd = Target("python-fwd", "bare Python forwarder (1:1)", forwarder_port, BENCH_DB, forwarder.pid)
         plan: dict[str, tuple[Target, ...]] = {
-            "simple": (direct, pgb_tx, sp_tx),
-            "extended": (direct, pgb_tx, sp_tx),
-            "prepared": (direct, pgb_ses, sp_tx, sp_ses),
+            "simple": (direct, pgb_tx, fwd, sp_tx),
+            "extended": (direct, pgb_tx, fwd, sp_tx),
+            "prepared": (direct, pgb_ses, fwd, sp_tx, sp_ses),
         }
         print(
             f"\npgbench -S -c {args.clients} -j 2 -T {args.seconds}, {args.rounds} round(s), "
@@ -621,8 +646,11 @@ def report(
         print(f"{mode:11} {target:17}{cells} {mean(mode, target):9.0f} {failed:7d} {lat:7.2f} {cpu}")
 
     print("\n== ratios (mean TPS) ==")
-    print(f"{'mode':11} {'sqlproxy target':17} {'vs PgBouncer':>18} {'/PgBouncer':>11} {'/direct':>8}")
+    print(f"{'mode':11} {'target':17} {'vs PgBouncer':>18} {'/PgBouncer':>11} {'/direct':>8}")
     pairs = (
+        ("simple", "python-fwd", "pgbouncer-tx"),
+        ("extended", "python-fwd", "pgbouncer-tx"),
+        ("prepared", "python-fwd", "pgbouncer-session"),
         ("simple", "sqlproxy-tx", "pgbouncer-tx"),
         ("extended", "sqlproxy-tx", "pgbouncer-tx"),
         ("prepared", "sqlproxy-tx", "pgbouncer-session"),
