@@ -16,6 +16,7 @@ from typing import Any
 from sqlproxy.audit.chain import load_or_create_key
 from sqlproxy.audit.configured import store_from_config
 from sqlproxy.audit.record import AuditRecord, Shared, shared_list, shared_strs
+from sqlproxy.audit.sink_process import SinkProcess
 from sqlproxy.audit.sinks import JsonlSink
 from sqlproxy.audit.writer import AuditWriter
 from sqlproxy.auth.users import UserDirectory
@@ -182,7 +183,12 @@ class Runtime:
         # sqlite:///PATH or postgresql://...; state_dir is the config's, as self._state_path uses.
         store = store_from_config(cfg)
         return AuditWriter(
-            sinks=sinks, store=store, key=key, queue_size=a.queue_size, batch_size=a.batch_size
+            sinks=sinks,
+            store=store,
+            key=key,
+            queue_size=a.queue_size,
+            batch_size=a.batch_size,
+            sink_process=SinkProcess() if a.writer_process else None,
         )
 
     def _load_mask_salt(self) -> str:

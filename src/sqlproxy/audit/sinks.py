@@ -124,6 +124,16 @@ class JsonlSink:
     async def close(self) -> None:
         await asyncio.to_thread(self._locked, self._close)
 
+    def close_sync(self) -> None:
+        self._locked(self._close)
+
+    def resume_after_files(self) -> None:
+        """Skip records up to the last seq in the files. For a writer that replaces one that
+        died mid-batch: the chain is the same, so the lines it left are the retried batch's."""
+        with self._lock:
+            self._open()
+            self._written_seq = max(self._written_seq, self._file_last_seq or 0)
+
     def _locked(self, fn: Callable[[], T]) -> T:
         with self._lock:
             return fn()
@@ -404,6 +414,12 @@ class SqliteStore:
 
         if self._conn is not None:
             await self._run(_close)
+
+    def close_sync(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
 
     # -- writing
     async def write_batch(self, records: Sequence[AuditRecord]) -> None:

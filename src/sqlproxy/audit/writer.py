@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 
 from sqlproxy.audit.chain import Chain, ChainState
 from sqlproxy.audit.record import AuditRecord, escaped_record
+from sqlproxy.audit.sink_process import SinkProcess, Spec, process_spec
 from sqlproxy.audit.sinks import AuditStore, CatchUpSink, Sink, thread_writer
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ class AuditWriter:
         retry_initial_s: float = 0.05,
         retry_max_s: float = 5.0,
         linger_s: float = 0.01,
+        sink_process: SinkProcess | None = None,
     ) -> None:
         if queue_size < 1 or batch_size < 1:
             raise ValueError("queue_size and batch_size must be at least 1")
@@ -53,6 +55,9 @@ class AuditWriter:
         # a transaction and an fsync per target, so writing 100 records at once costs a third
         # of the CPU per record that writing them 10 at a time does.
         self._linger_s = linger_s
+        # When given, the SQLite store and the JSONL files are written by a child process (see
+        # sink_process) instead of a worker thread of this one.
+        self._process = sink_process
         self._chain: Chain | None = None
         # Accepted and not yet sealed (in queue order), then sealed and not yet taken by the drain.
         # Each with whether the writer owns the object (enqueue: sealed in place, no copy).
@@ -98,6 +103,12 @@ class AuditWriter:
         self._chain = Chain(self._key, state)
         self._written_seq = state.seq
         await self._catch_up_sinks(state)
+        if self._process is not None:
+            # The child writes these from now on: this process keeps no file of theirs open
+            # (the child rotates the JSONL files). The store stays open here for reading.
+            for sink in self.sinks:
+                if process_spec(sink) is not None:
+                    await sink.close()
         self._task = asyncio.create_task(self._drain(), name="audit-writer")
 
     async def _resume_state(self) -> ChainState:
@@ -171,6 +182,8 @@ class AuditWriter:
             self._work.set()
             await self._task
         self._closed = True
+        if self._process is not None:
+            await self._process.close()
         for s in [self.store, *self.sinks]:
             try:
                 await s.close()
@@ -282,6 +295,12 @@ class AuditWriter:
         i = 0
         delay = self._retry_initial_s
         while i < len(targets):
+            specs = self._process_specs(targets[i:])
+            if specs:
+                assert self._process is not None
+                done, exc = await self._process.write(specs, batch)
+                i, delay = await self._after_group(targets, batch, i, done, exc, delay)
+                continue
             fns = []
             for t in targets[i:]:
                 fn = thread_writer(t)
@@ -294,21 +313,47 @@ class AuditWriter:
                 delay = self._retry_initial_s
                 continue
             done, exc = await asyncio.to_thread(_write_in_order, fns, batch)
-            if done:
-                i += done
-                delay = self._retry_initial_s
-            if exc is not None:
-                self.failures += 1
-                log.error(
-                    "audit: writing seq %d..%d to %r failed; retrying in %.2fs",
-                    batch[0].seq,
-                    batch[-1].seq,
-                    targets[i],
-                    delay,
-                    exc_info=exc,
-                )
-                await asyncio.sleep(delay)
-                delay = self._next_delay(delay)
+            i, delay = await self._after_group(targets, batch, i, done, exc, delay)
+
+    def _process_specs(self, targets: Sequence[Sink]) -> list[Spec]:
+        """The specs of the leading run of ``targets`` the child process can write."""
+        specs: list[Spec] = []
+        if self._process is None:
+            return specs
+        for t in targets:
+            spec = process_spec(t)
+            if spec is None:
+                break
+            specs.append(spec)
+        return specs
+
+    async def _after_group(
+        self,
+        targets: Sequence[Sink],
+        batch: Sequence[AuditRecord],
+        i: int,
+        done: int,
+        exc: Exception | None,
+        delay: float,
+    ) -> tuple[int, float]:
+        """After writing a group of targets from ``i``: where to go on, and the retry delay
+        (slept here when one failed)."""
+        if done:
+            i += done
+            delay = self._retry_initial_s
+        if exc is not None:
+            self.failures += 1
+            log.error(
+                "audit: writing seq %d..%d to %r failed; retrying in %.2fs",
+                batch[0].seq,
+                batch[-1].seq,
+                targets[i],
+                delay,
+                exc_info=exc,
+            )
+            await asyncio.sleep(delay)
+            delay = self._next_delay(delay)
+        return i, delay
 
     def _next_delay(self, delay: float) -> float:
         return min(self._retry_max_s, max(delay * 2, 0.001)) if delay else 0.0

@@ -1,0 +1,185 @@
+"""The audit store and JSONL files written by a child process (sink_process): the same bytes
+as the in-process writer, nothing lost or doubled when the child dies, failures retried,
+terminal signals ignored, a clean exit at close. Real child processes, real files."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import signal
+from pathlib import Path
+
+from sqlproxy.audit.chain import Chain, ChainState
+from sqlproxy.audit.record import AuditRecord
+from sqlproxy.audit.sink_process import SinkProcess, process_spec
+from sqlproxy.audit.sinks import JsonlSink, SqliteStore, all_jsonl_files
+from sqlproxy.audit.verify import verify_jsonl, verify_store
+from sqlproxy.audit.writer import AuditWriter
+
+KEY = bytes.fromhex("44" * 32)
+
+
+def rec(n: int) -> AuditRecord:
+    # Fixed id and time: two writers given these records seal identical bytes.
+    r = AuditRecord.new(
+        user="carol",
+        roles=["analyst"],
+        source="127.0.0.1",
+        door="wire",
+        sql=f"SELECT {n}, 'é'",
+        decision="allow",
+        duration_ms=1.5,
+        rows=n,
+    )
+    return dataclasses.replace(r, id=f"id-{n:06d}", ts="2026-12-03T20:00:00.000000Z")
+
+
+def writer(tmp: Path, process: SinkProcess | None, *, jsonl: Path | None = None) -> AuditWriter:
+    return AuditWriter(
+        sinks=[JsonlSink(jsonl or tmp / "audit.jsonl", rotate_bytes=4096, keep_files=1000)],
+        store=SqliteStore(tmp / "audit.db"),
+        key=KEY,
+        queue_size=1000,
+        batch_size=16,
+        sink_process=process,
+    )
+
+
+async def check(tmp: Path, expected: int) -> None:
+    store = SqliteStore(tmp / "audit.db")
+    try:
+        report = await verify_store(store, KEY)
+        head = await store.head()
+    finally:
+        await store.close()
+    assert report.ok, report.problems
+    assert report.records == expected and head is not None and head.seq == expected
+    jreport = verify_jsonl(tmp / "audit.jsonl", KEY, head, require_genesis=True)
+    assert jreport.ok, jreport.problems
+    assert jreport.records == expected
+
+
+def jsonl_bytes(path: Path) -> bytes:
+    return b"".join(p.read_bytes() for p in all_jsonl_files(path))
+
+
+async def test_the_child_writes_the_same_bytes_as_the_thread(tmp_path: Path) -> None:
+    by_thread, by_child = tmp_path / "thread", tmp_path / "child"
+    by_thread.mkdir()
+    by_child.mkdir()
+    proc = SinkProcess()
+    for d, p in ((by_thread, None), (by_child, proc)):
+        w = writer(d, p)
+        await w.start()
+        for i in range(100):
+            await w.enqueue(rec(i))
+        await w.flush()
+        await w.close()
+    assert proc.pid is None  # closed with the writer
+    # Rotation at 4 KiB: the child rotated the files as the thread did.
+    assert len(all_jsonl_files(by_child / "audit.jsonl")) > 3
+    assert jsonl_bytes(by_child / "audit.jsonl") == jsonl_bytes(by_thread / "audit.jsonl")
+    rows = []
+    for d in (by_thread, by_child):
+        s = SqliteStore(d / "audit.db")
+        rows.append([r.to_dict() for r in await s.get_after(0, 1000)])
+        await s.close()
+    assert rows[0] == rows[1] and len(rows[0]) == 100
+    await check(by_child, 100)
+
+
+async def test_a_killed_child_is_replaced_and_nothing_is_lost_or_doubled(tmp_path: Path) -> None:
+    proc = SinkProcess()
+    w = writer(tmp_path, proc)
+    await w.start()
+    for i in range(20):
+        await w.enqueue(rec(i))
+    await w.flush()
+    first = proc.pid
+    assert first is not None
+    os.kill(first, signal.SIGKILL)
+    await asyncio.sleep(0.2)
+    for i in range(20, 60):
+        await w.enqueue(rec(i))
+    await w.flush()
+    # Replaced (at once if the loop had reaped it, else after one failed write).
+    assert proc.pid is not None and proc.pid != first
+    await w.close()
+    await check(tmp_path, 60)
+
+
+async def test_a_replacement_child_skips_what_a_dead_one_wrote(tmp_path: Path) -> None:
+    """The child died after writing a batch but before answering: the retried batch goes to a
+    new child, which must not append it a second time."""
+    chain = Chain(KEY, ChainState.genesis())
+    batch = [chain.append(rec(i)) for i in range(10)]
+    store, sink = SqliteStore(tmp_path / "audit.db"), JsonlSink(tmp_path / "audit.jsonl")
+    specs = [process_spec(store), process_spec(sink)]
+    assert None not in specs
+    proc = SinkProcess()
+    assert await proc.write(specs, batch) == (2, None)  # type: ignore[arg-type]
+    pid = proc.pid
+    assert pid is not None
+    # Stopped, then killed while the batch is in its pipe: the write reports the death.
+    os.kill(pid, signal.SIGSTOP)
+    pending = asyncio.create_task(proc.write(specs, batch))  # type: ignore[arg-type]
+    await asyncio.sleep(0.3)
+    os.kill(pid, signal.SIGKILL)
+    done, exc = await pending
+    assert done == 0 and exc is not None and "died" in str(exc)
+    # The same batch again, to a new child: it finds the batch in the files and the store.
+    assert await proc.write(specs, batch) == (2, None)  # type: ignore[arg-type]
+    assert proc.pid not in (None, pid)
+    more = [chain.append(rec(i)) for i in range(10, 15)]
+    assert await proc.write(specs, more) == (2, None)  # type: ignore[arg-type]
+    await proc.close()
+    await check(tmp_path, 15)
+
+
+async def test_a_failing_target_in_the_child_is_retried_until_it_works(tmp_path: Path) -> None:
+    blocked = tmp_path / "logs"
+    proc = SinkProcess()
+    w = writer(tmp_path, proc, jsonl=blocked / "audit.jsonl")
+    await w.start()
+    blocked.rename(tmp_path / "logs-away")
+    blocked.write_text("a file where the JSONL directory should be")
+    for i in range(5):
+        await w.enqueue(rec(i))
+    for _ in range(200):
+        if w.failures >= 2:
+            break
+        await asyncio.sleep(0.05)
+    assert w.failures >= 2
+    assert w.written == 0  # held back, not dropped
+    blocked.unlink()
+    await asyncio.wait_for(w.flush(), 30)
+    await w.close()
+    lines = (blocked / "audit.jsonl").read_bytes().splitlines()
+    assert len(lines) == 5
+    store = SqliteStore(tmp_path / "audit.db")
+    assert [r.seq for r in await store.get_after(0, 100)] == [1, 2, 3, 4, 5]
+    await store.close()
+
+
+async def test_the_child_ignores_terminal_signals_and_exits_at_close(tmp_path: Path) -> None:
+    proc = SinkProcess()
+    w = writer(tmp_path, proc)
+    await w.start()
+    await w.enqueue(rec(0))
+    await w.flush()
+    pid = proc.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGINT)
+    os.kill(pid, signal.SIGTERM)
+    await asyncio.sleep(0.2)
+    for i in range(1, 10):
+        await w.enqueue(rec(i))
+    await w.flush()
+    assert proc.pid == pid and w.failures == 0
+    await w.close()
+    assert proc.pid is None
+    await asyncio.sleep(0.1)
+    # Reaped: no process of that pid is our child any more.
+    assert not Path(f"/proc/{pid}").exists() or "zombie" not in Path(f"/proc/{pid}/status").read_text()
+    await check(tmp_path, 10)
