@@ -16,6 +16,7 @@ have_pg_bin pgbench || need+=(postgresql-contrib)
 command -v psql >/dev/null 2>&1 || need+=(postgresql-client)
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)  # the TLS tests make their own CA
+command -v ip >/dev/null 2>&1 || need+=(iproute2)  # the wire door's dead-path tests (netns, veth)
 [ -x /usr/bin/chromium ] || need+=(chromium)
 command -v node >/dev/null 2>&1 || need+=(nodejs)
 command -v npm >/dev/null 2>&1 || need+=(npm)

@@ -54,6 +54,13 @@ class Metrics:
             "sqlproxy_analysis_cache_misses", "Analysis cache misses since start", registry=r
         )
         self.reloads = Counter("sqlproxy_config_reloads", "Configuration reloads", ["result"], registry=r)
+        self.wire_server_lost = Counter(
+            "sqlproxy_wire_server_connections_lost",
+            "Wire door server connections that went away without the proxy closing them "
+            "(closed by the server, or a dead peer found by TCP keepalive or user timeout)",
+            ["database"],
+            registry=r,
+        )
         self.upstream_up = Gauge(
             "sqlproxy_upstream_up", "Upstream readiness (1 ready, 0 not)", ["database"], registry=r
         )

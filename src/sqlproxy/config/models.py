@@ -65,6 +65,24 @@ class WireConfig(Strict):
     startup_timeout_s: Annotated[float, Field(gt=0, le=600)] = 60.0
     # Server connections per database for wire clients; None uses the database's pool_max.
     server_pool_size: Annotated[int, Field(ge=1, le=10000)] | None = None
+    # TCP keepalive and user timeout (PgBouncer's settings of the same names) on every TCP
+    # socket of the wire door: the clients' and the proxy's own server connections; Unix-domain
+    # sockets have neither. They find peers that vanished without a FIN or RST (a cut network
+    # path, a host that lost power). Keepalive probes an idle connection: with the defaults a
+    # dead peer is found about 60 + 6 * 10 = 120 s after the connection went quiet (the OS
+    # defaults, 7200 s + 9 * 75 s, take over two hours), and a probe every minute also keeps
+    # idle connections open through NAT and load balancers that drop idle flows after minutes.
+    # 0 for tcp_keepidle_s, tcp_keepintvl_s or tcp_keepcnt leaves that one at the OS default.
+    tcp_keepalive: bool = True
+    tcp_keepidle_s: Annotated[int, Field(ge=0, le=32767)] = 60
+    tcp_keepintvl_s: Annotated[int, Field(ge=0, le=32767)] = 10
+    tcp_keepcnt: Annotated[int, Field(ge=0, le=127)] = 6
+    # How long data sent may stay unacknowledged before the OS drops the connection
+    # (TCP_USER_TIMEOUT, milliseconds; 0 = the OS default, about 15 minutes of retransmission).
+    # Keepalive does not cover this case: a query written to a server behind a dead path.
+    # On Linux it also replaces tcp_keepcnt: an idle connection is dropped once a probe went
+    # unanswered and this long has passed without hearing from the peer.
+    tcp_user_timeout_ms: Annotated[int, Field(ge=0, le=3_600_000)] = 0
 
     @model_validator(mode="after")
     def _tls_pair(self) -> WireConfig:

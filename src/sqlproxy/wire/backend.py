@@ -44,6 +44,7 @@ from sqlproxy.protocol.scram import ScramClient
 
 if TYPE_CHECKING:
     from sqlproxy.wire.pump import ResponsePump
+    from sqlproxy.wire.tcp import TcpOptions
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,12 +75,16 @@ class UpstreamTarget:
 class BackendConnection(asyncio.Protocol):
     """A logged-in server connection. ``pump`` owns the byte stream once login is done."""
 
-    def __init__(self, target: UpstreamTarget) -> None:
+    def __init__(self, target: UpstreamTarget, tcp: TcpOptions | None = None) -> None:
         self.target = target
+        self.tcp = tcp
         self.transport: asyncio.Transport | None = None
         self.decoder = BackendDecoder()
         self.pump: ResponsePump | None = None
         self.closed = False
+        # Why the connection went away without the proxy closing it (the server's end of
+        # stream, or the kernel's error: ETIMEDOUT from keepalive or TCP_USER_TIMEOUT).
+        self.lost_reason: str | None = None
         self.parameters: dict[str, str] = {}
         self.pid = 0
         self.secret = b""
@@ -104,6 +109,8 @@ class BackendConnection(asyncio.Protocol):
         # uvloop's transports (`sqlproxy serve` runs on uvloop) implement asyncio.Transport
         # without subclassing it, so no isinstance check here.
         self.transport = cast(asyncio.Transport, transport)
+        if self.tcp is not None:
+            self.tcp.apply(transport)
 
     def data_received(self, data: bytes) -> None:
         self.decoder.feed(data)
@@ -116,6 +123,8 @@ class BackendConnection(asyncio.Protocol):
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed and self.lost_reason is None:
+            self.lost_reason = "closed by the server" if exc is None else f"{type(exc).__name__}: {exc}"
         self.closed = True
         if self.pump is not None:
             self.pump.on_lost()
@@ -286,7 +295,9 @@ class BackendConnection(asyncio.Protocol):
             raise UpstreamUnavailable("upstream does not support TLS but sslmode requires it")
 
 
-async def connect_backend(target: UpstreamTarget, limit_s: float) -> BackendConnection:
+async def connect_backend(
+    target: UpstreamTarget, limit_s: float, tcp: TcpOptions | None = None
+) -> BackendConnection:
     loop = asyncio.get_running_loop()
     try:
         if target.host.startswith("/"):
@@ -298,7 +309,7 @@ async def connect_backend(target: UpstreamTarget, limit_s: float) -> BackendConn
             )
         else:
             _, proto = await asyncio.wait_for(
-                loop.create_connection(lambda: BackendConnection(target), target.host, target.port),
+                loop.create_connection(lambda: BackendConnection(target, tcp), target.host, target.port),
                 limit_s,
             )
     except (OSError, TimeoutError) as e:

@@ -21,6 +21,7 @@ from sqlproxy.wire.backend import UpstreamTarget, send_cancel
 from sqlproxy.wire.decide import Decider
 from sqlproxy.wire.pool import BackendPool
 from sqlproxy.wire.session import WireSession
+from sqlproxy.wire.tcp import TcpOptions
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ class WireServer:
         self.mock_secret = _load_mock_secret(runtime)
         self.decider = Decider(runtime)
         self.ssl_context = self._ssl_context()
+        self.tcp = TcpOptions.from_config(self.config)
         self.sessions: set[WireSession] = set()
         self.active = 0
         self.stopping = False
@@ -115,16 +117,21 @@ class WireServer:
 
     def pool_for(self, database: str) -> BackendPool:
         pool = self.pools.get(database)
-        db = self.runtime.config.current.databases[database]
         if pool is None or pool.closed:
-            pool = BackendPool(
-                database,
-                UpstreamTarget.from_dsn(db.dsn),
-                self.config.server_pool_size or db.pool_max,
-                db.connect_timeout_s,
-            )
-            self.pools[database] = pool
+            db = self.runtime.config.current.databases[database]
+            pool = self.pools[database] = self.make_pool(database, UpstreamTarget.from_dsn(db.dsn))
         return pool
+
+    def make_pool(self, database: str, target: UpstreamTarget) -> BackendPool:
+        db = self.runtime.config.current.databases[database]
+        return BackendPool(
+            database,
+            target,
+            self.config.server_pool_size or db.pool_max,
+            db.connect_timeout_s,
+            tcp=self.tcp,
+            on_lost=self.runtime.metrics.wire_server_lost.labels(database).inc,
+        )
 
     # -- cancel ------------------------------------------------------------------------------
     async def cancel(self, pid: int, secret: bytes) -> None:

@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections import deque
+from collections.abc import Callable
 
 from sqlproxy.pipeline.errors import UpstreamUnavailable
 from sqlproxy.wire.backend import BackendConnection, UpstreamTarget, connect_backend
 from sqlproxy.wire.pump import HIDDEN, Exp, PumpOwner, ResponsePump
+from sqlproxy.wire.tcp import TcpOptions
+
+log = logging.getLogger(__name__)
 
 # A connection idle for longer than this is checked for pending input before it is handed out
 # (one poll system call); busier ones were just in use and are not.
@@ -35,11 +40,26 @@ class _PoolOwner(PumpOwner):
 
 
 class BackendPool:
-    def __init__(self, name: str, target: UpstreamTarget, size: int, connect_timeout: float) -> None:
+    def __init__(
+        self,
+        name: str,
+        target: UpstreamTarget,
+        size: int,
+        connect_timeout: float,
+        *,
+        tcp: TcpOptions | None = None,
+        on_lost: Callable[[], None] | None = None,
+    ) -> None:
         self.name = name
         self.target = target
         self.size = size
         self.connect_timeout = connect_timeout
+        self.tcp = tcp
+        # Server connections that went away without the proxy closing them (the server closed
+        # them, or the kernel gave up on a dead peer), dropped and never reused; on_lost is
+        # told of each (the metrics counter).
+        self.lost = 0
+        self._on_lost = on_lost
         self.idle: deque[BackendConnection] = deque()
         self.total = 0  # open, opening or resetting
         self._waiters: deque[asyncio.Future[BackendConnection | None]] = deque()
@@ -70,6 +90,8 @@ class BackendPool:
             be = idle.pop()
             if not be.closed and (now - be.idle_since < _CHECK_AFTER_IDLE_S or not be.has_input()):
                 return be
+            if not be.closed and be.lost_reason is None:
+                be.lost_reason = "closed by the server while idle"
             self.discard(be)
         return None
 
@@ -83,7 +105,7 @@ class BackendPool:
             if self.total < self.size:
                 self.total += 1
                 try:
-                    be = await connect_backend(self.target, self.connect_timeout)
+                    be = await connect_backend(self.target, self.connect_timeout, self.tcp)
                 except BaseException:
                     self.total -= 1
                     self._wake_one()
@@ -144,6 +166,11 @@ class BackendPool:
         if be in self._all:
             self._all.discard(be)
             self.total -= 1
+            if be.lost_reason is not None and not self.closed:
+                self.lost += 1
+                log.info("server connection %s to %s lost: %s", be.pid, self.name, be.lost_reason)
+                if self._on_lost is not None:
+                    self._on_lost()
             with contextlib.suppress(ValueError):
                 self.idle.remove(be)
             self._wake_one()

@@ -217,6 +217,7 @@ class WireSession(asyncio.Protocol, PumpOwner):
         # uvloop's transports (`sqlproxy serve` runs on uvloop) implement asyncio.Transport
         # without subclassing it, so no isinstance check here.
         self.transport = cast(asyncio.Transport, transport)
+        self.server.tcp.apply(transport)
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and len(peer) >= 2:
             self.source_ip, self.source_port = str(peer[0]), int(peer[1])
