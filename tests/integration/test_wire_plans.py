@@ -208,3 +208,36 @@ async def test_planned_statements_spend_rate_limit_tokens(planned: Planned) -> N
     finally:
         p.config_path.write_text(text)
         p.runtime.reload()
+
+
+async def test_transaction_control_gets_plans_only_without_literals(planned: Planned) -> None:
+    """BEGIN/COMMIT/SAVEPOINT of one exact text are decided once (TPC-B sends BEGIN and END
+    around every transaction); a plan stands for its exact text, so PREPARE TRANSACTION with
+    another gid is decided again."""
+    p = planned
+    plans = p.runtime.plans
+    async with await psycopg.AsyncConnection.connect(p.dsn("developer"), autocommit=True) as conn:
+        before = plans.hits
+        for i in (1, 2, 3):
+            await conn.execute("BEGIN", prepare=False)
+            assert conn.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
+            await conn.execute("SAVEPOINT sp", prepare=False)
+            await conn.execute(f"SELECT id FROM orders WHERE id = {i}", prepare=False)
+            await conn.execute("ROLLBACK TO SAVEPOINT sp", prepare=False)
+            await conn.execute("COMMIT", prepare=False)
+            assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        # The first round learnt five plans; the next two used them for all five statements.
+        assert plans.hits - before == 10
+        begins = [r for r in await p.records("developer", 15) if r.sql == "BEGIN"]
+        assert len(begins) == 3 and all(_shape_fields(r) == _shape_fields(begins[0]) for r in begins)
+        assert begins[0].decision == "allow" and begins[0].statement_kinds == ["transaction"]
+        before = plans.hits
+        for gid in ("plans-a", "plans-b"):
+            await conn.execute("BEGIN", prepare=False)
+            await conn.execute(f"PREPARE TRANSACTION '{gid}'", prepare=False)
+            await conn.execute(f"ROLLBACK PREPARED '{gid}'", prepare=False)
+        # Only the two BEGINs used plans: each gid's statements went through the pipeline.
+        assert plans.hits - before == 2
+    recs = await p.records("developer", 6)
+    assert [r.sql for r in recs][-2:] == ["PREPARE TRANSACTION 'plans-b'", "ROLLBACK PREPARED 'plans-b'"]
+    assert all(r.decision == "allow" for r in recs)

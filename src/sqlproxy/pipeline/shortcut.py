@@ -19,7 +19,11 @@ statement, in the pipeline's order and with its guarantees:
 - the door's executor;
 - the lineage classification.
 
-What never gets a plan: anything that failed or was denied; statements that are not plain
+Transaction control (BEGIN, COMMIT, END, ROLLBACK, SAVEPOINT x, ...) gets a plan too, but only
+for a text without literals (its normalized text is the text itself), so the plan stands for
+exactly that statement: ``PREPARE TRANSACTION 'gid'`` never gets one.
+
+What never gets a plan: anything that failed or was denied; other statements that are not plain
 SELECT/INSERT/UPDATE/DELETE/MERGE (their literals can matter: ``SET``, ``COPY``, utility
 statements); statements naming a relation the catalog snapshot does not know; dry runs;
 requests whose results carry rows to classify by value. Anything unusual about a request (no
@@ -39,6 +43,7 @@ from sqlproxy.pipeline.errors import ProxyError
 from sqlproxy.pipeline.request import Request
 from sqlproxy.pipeline.stages import audit, internal_error, rewrite_statements
 from sqlproxy.sql.cache import shape_cacheable
+from sqlproxy.sql.model import StatementKind
 
 if TYPE_CHECKING:
     from sqlproxy.execute.upstream import Upstream
@@ -54,6 +59,18 @@ _MAX_TEXT_CHARS = 2_048
 # Doors whose results never carry rows to classify by value (the wire door forwards rows without
 # reading them), so a shape's classification is its lineage's.
 PLANNED_DOORS = frozenset({"wire"})
+
+
+def _literal_free_transaction_control(a: Analysis, sql: str | None) -> bool:
+    """Transaction control whose text has no literal to normalize away: its plan's key (the
+    normalized text) is then this exact statement and nothing else. (PostgreSQL's transaction
+    statements carry their gids and savepoint names as identifiers or plain strings, which the
+    normalizer keeps; this holds the line should one ever be normalized to a placeholder.)"""
+    return (
+        bool(a.statements)
+        and all(st.kind is StatementKind.TRANSACTION for st in a.statements)
+        and a.normalized == sql
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,7 +176,7 @@ class Plans:
             or req.identity is None
             or req.dry_run
             or req.params
-            or not shape_cacheable(a)
+            or not (shape_cacheable(a) or _literal_free_transaction_control(a, req.sql))
             or not a.all_known
             or len(a.statements) != 1
             or any(r.rows for r in req.results)
