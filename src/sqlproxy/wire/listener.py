@@ -16,6 +16,7 @@ import ssl
 from collections.abc import Coroutine
 from typing import Any
 
+from sqlproxy.config.loader import ConfigError, ConfigProblem
 from sqlproxy.config.models import WireConfig
 from sqlproxy.runtime import Runtime
 from sqlproxy.wire.backend import UpstreamTarget, send_cancel
@@ -103,6 +104,18 @@ class WireServer:
         # As PostgreSQL 17: ALPN "postgresql" on every TLS connection; a direct TLS client
         # (sslnegotiation=direct) must have negotiated it (WireSession checks).
         ctx.set_alpn_protocols([ALPN])
+        if c.client_ca_file is not None:
+            path = self.runtime._state_path(c.client_ca_file)
+            try:
+                # The only CAs trusted for client certificates: a server-side default context
+                # starts with none (the system's are loaded only into contexts that verify
+                # from the start), so a certificate from a public CA never names a user here.
+                ctx.load_verify_locations(cafile=str(path))
+            except (OSError, ssl.SSLError) as e:
+                raise ConfigError(
+                    "<config>", [ConfigProblem("wire.client_ca_file", f"cannot load {path}: {e}")]
+                ) from None
+            ctx.verify_mode = ssl.CERT_REQUIRED if c.require_client_cert else ssl.CERT_OPTIONAL
         return ctx
 
     @property

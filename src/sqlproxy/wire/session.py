@@ -555,15 +555,25 @@ class WireSession(asyncio.Protocol, PumpOwner):
         user_key = _user_lock_key(user)
         lock = users.lockout
         stored = users.password_verifier(user)
+        method = users.wire_auth(user)
+        cn = self._certificate_cn()
+        cert_ok = method == "password" or (cn is not None and cn == user)
         refused = (
-            stored is None
+            (stored is None and method != "cert")
+            or not cert_ok
+            or users.is_disabled(user)
             or not users.source_allowed(user, self.source_ip)
             or lock.locked(src_key)
             or lock.locked(user_key)
         )
         ok = False
         try:
-            if self.cfg.allow_md5 and (stored is None or is_md5_hash(stored)):
+            if method == "cert" and not refused:
+                ok = True  # the certificate is the credential: no password is asked
+            # A refused certificate user goes through the password exchange of an unknown user
+            # (it has no password) and fails it: a client cannot tell a certificate user from
+            # a password user, nor a missing certificate from a wrong password.
+            elif self.cfg.allow_md5 and (stored is None or is_md5_hash(stored)):
                 ok = await self._auth_md5(user, None if refused else stored)
             elif self.cfg.allow_cleartext_over_tls and self.tls:
                 ok = await self._auth_cleartext(user, None if refused else stored)
@@ -578,10 +588,30 @@ class WireSession(asyncio.Protocol, PumpOwner):
             req = Request(door="wire", sql=None, source_ip=self.source_ip, source_port=self.source_port)
             req.error = Unauthenticated("password authentication failed", sqlstate="28P01")
             req.extra["user_presented"] = user[:64]
+            if method != "password":
+                # For the operator: why a certificate user was refused.
+                req.extra["wire_auth"] = method
+                if cn is not None:
+                    req.extra["client_cert_cn"] = cn[:64]
             await asyncio.shield(self.rt.audit_request(req))
             raise Fatal("28P01", f'password authentication failed for user "{user}"')
         lock.reset(user_key)
         self.identity = users.identity(user)
+
+    def _certificate_cn(self) -> str | None:
+        """The common name of the client's certificate, verified during the TLS handshake
+        against [wire] client_ca_file (the only CAs the listener trusts for it). None without
+        TLS, without a certificate, or when the subject has no CN or more than one."""
+        if not self.tls or self.transport is None:
+            return None
+        tls = self.transport.get_extra_info("ssl_object")
+        if tls is None:
+            return None
+        cert = tls.getpeercert()  # {} unless a certificate was received and verified
+        if not cert:
+            return None
+        cns = [value for rdn in cert.get("subject", ()) for key, value in rdn if key == "commonName"]
+        return cns[0] if len(cns) == 1 else None
 
     async def _auth_msg(self, kind: str) -> object:
         self.dec.expect_auth_response(kind)  # type: ignore[arg-type]
