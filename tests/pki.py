@@ -1,5 +1,6 @@
 """A throwaway certificate authority and a server certificate for 127.0.0.1 / localhost, made
-with the openssl command, for the tests of the TLS doors."""
+with the openssl command, for the tests of the TLS doors; and client certificates (a CN of
+one's choosing, signed by that CA or by the other one) for certificate authentication."""
 
 from __future__ import annotations
 
@@ -20,13 +21,37 @@ class Pki:
         """Verifies the server certificate and its host name against ``ca``."""
         return ssl.create_default_context(cafile=str(self.ca))
 
+    def client_cert(self, cn: str, *, signer: str = "ca") -> tuple[Path, Path]:
+        """(certificate, key) of a TLS client certificate with subject CN ``cn``, signed by
+        ``signer`` ("ca", which signed the server certificate, or "other-ca"); made once."""
+        d = self.ca.parent
+        name = f"client-{signer}-{cn}"
+        cert, key = d / f"{name}.crt", d / f"{name}.key"
+        if not cert.exists():
+            _openssl(d, "req", *_EC, "-keyout", key.name, "-out", f"{name}.csr", "-subj", f"/CN={cn}")
+            (d / "client.ext").write_text(
+                "basicConstraints=critical,CA:FALSE\n"
+                "keyUsage=critical,digitalSignature\n"
+                "extendedKeyUsage=clientAuth\n"
+            )
+            _openssl(
+                d,
+                "x509", "-req", "-in", f"{name}.csr", "-CA", f"{signer}.crt", "-CAkey", f"{signer}.key",
+                "-CAcreateserial", "-out", cert.name, "-days", "2", "-extfile", "client.ext",
+            )  # fmt: skip
+            key.chmod(0o600)  # libpq refuses a key that others may read
+        return cert, key
+
 
 def _openssl(cwd: Path, *args: str) -> None:
     subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
 
 
+_EC = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+
+
 def make_pki(d: Path) -> Pki:
-    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+    ec = _EC
     for name in ("ca", "other-ca"):
         _openssl(
             d,

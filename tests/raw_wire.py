@@ -52,6 +52,17 @@ class RawClient:
         r, w = await asyncio.wait_for(asyncio.open_connection(host, port), HANG_S)
         return cls(r, w)
 
+    @classmethod
+    async def open_tls(
+        cls, port: int, ctx: ssl.SSLContext, host: str = "127.0.0.1", server_hostname: str = "localhost"
+    ) -> RawClient:
+        """A direct TLS connection (libpq's sslnegotiation=direct): the TLS handshake first,
+        no SSLRequest. ALPN is whatever ``ctx`` offers."""
+        r, w = await asyncio.wait_for(
+            asyncio.open_connection(host, port, ssl=ctx, server_hostname=server_hostname), HANG_S
+        )
+        return cls(r, w)
+
     @property
     def local_port(self) -> int:
         return int(self.writer.get_extra_info("sockname")[1])

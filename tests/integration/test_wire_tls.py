@@ -1,7 +1,8 @@
 """TLS on the wire door, with a throwaway CA and server certificate made here by the openssl
 command: psycopg with sslmode=require / verify-full, require_tls, GSSENCRequest, cancel over
-TLS, and the hostile cases of the negotiation (unencrypted bytes after SSLRequest, a broken
-handshake, direct TLS)."""
+TLS, direct TLS (sslnegotiation=direct, ALPN "postgresql"), and the hostile cases of the
+negotiation (unencrypted bytes after SSLRequest, a broken handshake, direct TLS without ALPN
+or to a listener without TLS, garbage that starts like a TLS record)."""
 
 from __future__ import annotations
 
@@ -190,14 +191,154 @@ async def test_broken_tls_handshake(
     assert not h.server.sessions
 
 
-async def test_direct_tls_is_refused(wire_factory: WireFactory, pki: Pki) -> None:
-    """libpq 17's sslnegotiation=direct starts with a TLS ClientHello instead of SSLRequest.
-    The proxy does not offer it: the client gets a refusal, not a hang."""
-    h = await _tls_wire(wire_factory, pki)
-    with pytest.raises(psycopg.OperationalError):
-        await _connect(h.dsn("analyst", sslmode="require", sslnegotiation="direct"))
+def _alpn_context(pki: Pki, alpn: list[str] | None) -> ssl.SSLContext:
+    ctx = pki.client_context()
+    if alpn is not None:
+        ctx.set_alpn_protocols(alpn)
+    return ctx
+
+
+async def _leaves_quietly(raw: RawClient) -> None:
+    """The proxy closes the connection without a word (no PostgreSQL message, TLS or not)."""
+    try:
+        rest = await asyncio.wait_for(raw.reader.read(), HANG_S)
+    except (ConnectionResetError, ssl.SSLError):
+        rest = b""
+    assert rest == b"", rest
+    await raw.close()
+
+
+@pytest.mark.parametrize("require_tls", [False, True])
+async def test_direct_tls_with_libpq(wire_factory: WireFactory, pki: Pki, require_tls: bool) -> None:
+    """libpq 17+'s sslnegotiation=direct starts with a TLS ClientHello (ALPN "postgresql")
+    instead of SSLRequest; the proxy takes it, with or without require_tls, and verify-full
+    checks the proxy's certificate as on the negotiated path."""
+    assert psycopg.pq.version() >= 170000, "psycopg's libpq has no sslnegotiation=direct"
+    h = await _tls_wire(wire_factory, pki, require_tls=require_tls)
+    for extra in (
+        {"sslmode": "require"},
+        {"sslmode": "verify-full", "sslrootcert": str(pki.ca), "host": "localhost", "hostaddr": "127.0.0.1"},
+    ):
+        async with await _connect(h.dsn("analyst", sslnegotiation="direct", **extra)) as conn:
+            await _check_encrypted(h, conn)
+            session = h.server._by_pid[conn.info.backend_pid]
+            assert session.transport is not None
+            tls = session.transport.get_extra_info("ssl_object")
+            assert tls.selected_alpn_protocol() == "postgresql"
+    with pytest.raises(psycopg.OperationalError, match="certificate verify failed"):
+        await _connect(
+            h.dsn("analyst", sslnegotiation="direct", sslmode="verify-full", sslrootcert=str(pki.other_ca))
+        )
+    # The negotiated path offers ALPN too (libpq 17+ sends it there as well).
     async with await _connect(h.dsn("analyst", sslmode="require")) as conn:
-        await _check_encrypted(h, conn)
+        session = h.server._by_pid[conn.info.backend_pid]
+        assert session.transport is not None
+        assert session.transport.get_extra_info("ssl_object").selected_alpn_protocol() == "postgresql"
+
+
+async def test_direct_tls_raw_client_needs_alpn(
+    wire_factory: WireFactory, pki: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A raw TLS client: with ALPN "postgresql" it logs in; without ALPN, or offering only
+    another protocol, the proxy closes the connection after the handshake without a word, as
+    PostgreSQL 17 does. An SSLRequest inside direct TLS is a protocol violation."""
+    h = await _tls_wire(wire_factory, pki, require_tls=True)
+    raw = await RawClient.open_tls(h.port, _alpn_context(pki, ["postgresql"]))
+    msgs = await raw.login("analyst", h.passwords["analyst"])
+    assert isinstance(msgs[-1], ReadyForQuery), msgs
+    raw.send(query("SELECT 1"))
+    assert not errors(await raw.until_ready())
+    await raw.close()
+    with caplog.at_level(logging.INFO, logger="sqlproxy.wire"):
+        for alpn in (None, ["http/1.1"]):
+            raw = await RawClient.open_tls(h.port, _alpn_context(pki, alpn))
+            assert raw.writer.get_extra_info("ssl_object").selected_alpn_protocol() is None
+            await _leaves_quietly(raw)
+    assert sum("no ALPN" in r.getMessage() for r in caplog.records) == 2
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    raw = await RawClient.open_tls(h.port, _alpn_context(pki, ["postgresql"]))
+    raw.send(_SSL_REQUEST)
+    err = fatal(await raw.until_eof())
+    assert err.sqlstate == "08P01" and "duplicate SSLRequest" in (err.message or "")
+    await raw.close()
+    await _all_gone(h)
+
+
+async def _all_gone(h: WireHarness) -> None:
+    for s in list(h.server.sessions):
+        await session_ended(s)
+    assert h.server.active == 0
+    assert not h.server.sessions
+    assert h.backends_in_use() == 0
+
+
+_CLIENT_HELLO_START = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"
+
+
+@pytest.mark.parametrize("tls", [True, False])
+async def test_direct_tls_garbage_closes_quietly(
+    wire_factory: WireFactory, pki: Pki, tls: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Bytes that start like a TLS record (0x16) but are garbage, cut short, or a ClientHello
+    to a listener without TLS: the connection is closed without a PostgreSQL message, nothing
+    is logged as an error, and a session around it goes on."""
+    h = await (
+        _tls_wire(wire_factory, pki, startup_timeout_s=2) if tls else wire_factory(startup_timeout_s=2)
+    )
+    async with await _connect(h.dsn("analyst", sslmode="require" if tls else "disable")) as bystander:
+        with caplog.at_level(logging.INFO, logger="sqlproxy.wire"):
+            for garbage, eof in (
+                (b"\x16" + b"\xff" * 300, False),  # not a TLS record: refused at once
+                (b"\x16", True),  # a record cut short, then the client half-closes
+                (_CLIENT_HELLO_START + b"\x00" * 40, True),
+                (_CLIENT_HELLO_START, False),  # ... or falls silent: startup_timeout_s
+            ):
+                raw = await RawClient.open(h.port)
+                raw.send(garbage)
+                if eof:
+                    raw.writer.write_eof()
+                await _leaves_quietly(raw)
+            if not tls:
+                # A real ClientHello, offering ALPN "postgresql", to a plaintext listener.
+                with pytest.raises((ConnectionError, ssl.SSLError)):
+                    await RawClient.open_tls(h.port, _alpn_context(pki, ["postgresql"]))
+                with pytest.raises(psycopg.OperationalError):
+                    await _connect(h.dsn("analyst", sslmode="require", sslnegotiation="direct"))
+            cur = await bystander.execute("SELECT 1")
+            assert await cur.fetchone() == (1,)
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.records
+        session = h.server._by_pid[bystander.info.backend_pid]
+    await session_ended(session)
+    await _all_gone(h)
+
+
+async def test_first_byte_late_or_never(wire_factory: WireFactory, pki: Pki) -> None:
+    """A client whose first byte is not there when the connection is accepted waits with the
+    listener (which peeks it without reading): a late startup packet logs in as usual, over
+    the negotiated TLS path too; a client that never says a word is dropped at shutdown."""
+    h = await _tls_wire(wire_factory, pki)
+    raw = await RawClient.open(h.port)
+    await asyncio.sleep(0.2)
+    assert len(h.server._routing) == 1
+    msgs = await raw.login("analyst", h.passwords["analyst"])
+    assert isinstance(msgs[-1], ReadyForQuery), msgs
+    assert not h.server._routing
+    await raw.close()
+    raw = await RawClient.open(h.port)
+    await asyncio.sleep(0.2)
+    raw.send(_SSL_REQUEST)
+    assert await raw.read_byte() == b"S"
+    await raw.start_tls(pki.client_context(), server_hostname="localhost")
+    msgs = await raw.login("analyst", h.passwords["analyst"])
+    assert isinstance(msgs[-1], ReadyForQuery), msgs
+    await raw.close()
+    silent = await RawClient.open(h.port)
+    await asyncio.sleep(0.2)
+    assert len(h.server._routing) == 1
+    await h.server.stop(grace_s=1)
+    assert not h.server._routing
+    assert await asyncio.wait_for(silent.reader.read(), HANG_S) == b""
+    await silent.close()
 
 
 async def test_cancel_over_tls(wire_factory: WireFactory, pki: Pki, demo_dsn: str) -> None:

@@ -83,6 +83,7 @@ class _User:
     networks: tuple[IPNetwork, ...]
     disabled: bool
     password: str | None
+    wire_auth: str = "password"
 
     def allows(self, addr: IPAddress | None) -> bool:
         if not self.networks:
@@ -159,6 +160,7 @@ class UserDirectory:
                 networks=tuple(ipaddress.ip_network(c, strict=False) for c in u.allowed_cidrs),
                 disabled=u.disabled,
                 password=u.password,
+                wire_auth=u.wire_auth,
             )
             hashes: list[tuple[str, str]] = []
             if u.api_key_sha256 is not None:
@@ -208,6 +210,12 @@ class UserDirectory:
         if u is None or u.disabled:
             return None
         return u.password
+
+    def wire_auth(self, name: str) -> str:
+        """How user ``name`` logs in on the wire door: "password", "cert" or "cert+password".
+        "password" for an unknown user, whose login then fails like a wrong password."""
+        u = self._users.get(name)
+        return "password" if u is None else u.wire_auth
 
     def source_allowed(self, name: str, source_ip: str) -> bool:
         """Whether user ``name`` may connect from ``source_ip`` (for doors that authenticate

@@ -44,10 +44,19 @@ class WireConfig(Strict):
     enabled: bool = True
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] = 6432
-    # TLS: PEM certificate chain and key. With require_tls, non-TLS clients are refused.
+    # TLS: PEM certificate chain and key. With require_tls, non-TLS clients are refused. Both
+    # the SSLRequest negotiation and PostgreSQL 17's direct TLS (sslnegotiation=direct, ALPN
+    # "postgresql") are accepted.
     tls_cert: str | None = None
     tls_key: str | None = None
     require_tls: bool = False
+    # Client certificates: the PEM file of the CA(s) that sign them. With it, every TLS client
+    # is asked for a certificate, verified against these CAs only (never the system's); users
+    # with wire_auth = "cert" or "cert+password" prove their name with it (the certificate's
+    # CN must equal the user name). require_client_cert also refuses the TLS handshake of any
+    # client without a valid certificate, whatever its user.
+    client_ca_file: str | None = None
+    require_client_cert: bool = False
     # Password methods offered to clients: SCRAM-SHA-256 always; md5 only for users whose
     # configured password is an md5 hash; cleartext only over TLS.
     allow_md5: bool = False
@@ -90,6 +99,14 @@ class WireConfig(Strict):
             raise ValueError("tls_cert and tls_key go together")
         if self.require_tls and self.tls_cert is None:
             raise ValueError("require_tls needs tls_cert and tls_key")
+        if self.client_ca_file is not None and self.tls_cert is None:
+            raise ValueError("client_ca_file needs tls_cert and tls_key: certificates come only over TLS")
+        if self.require_client_cert and self.client_ca_file is None:
+            raise ValueError("require_client_cert needs client_ca_file (the CA of the client certificates)")
+        if self.require_client_cert and not self.require_tls:
+            raise ValueError(
+                "require_client_cert needs require_tls = true: a client without TLS presents no certificate"
+            )
         return self
 
 
@@ -134,6 +151,10 @@ class UserConfig(Strict):
     api_key_sha256: str | None = None
     api_key_env: str | None = None
     password: str | None = None
+    # How the user logs in on the wire door: "password" (the default); "cert", a TLS client
+    # certificate signed by [wire] client_ca_file whose CN is the user name, and no password;
+    # "cert+password", both (PostgreSQL's clientcert=verify-full with a password method).
+    wire_auth: Literal["password", "cert", "cert+password"] = "password"
     allowed_cidrs: tuple[str, ...] = ()
     disabled: bool = False
 
@@ -150,6 +171,17 @@ class UserConfig(Strict):
         if v is not None and not (v.startswith("SCRAM-SHA-256$") or re.fullmatch(r"md5[0-9a-f]{32}", v)):
             raise ValueError("must be a SCRAM-SHA-256 verifier or an md5 hash (sqlproxy hash-password)")
         return v
+
+    @model_validator(mode="after")
+    def _wire_auth(self) -> UserConfig:
+        if self.wire_auth == "cert" and self.password is not None:
+            raise ValueError(
+                "password is never asked with wire_auth = 'cert': remove it, "
+                "or use wire_auth = 'cert+password' to require both"
+            )
+        if self.wire_auth == "cert+password" and self.password is None:
+            raise ValueError("wire_auth = 'cert+password' needs password")
+        return self
 
     @field_validator("allowed_cidrs")
     @classmethod
@@ -346,6 +378,11 @@ class ProxyConfig(Strict):
             for r in u.roles:
                 if r not in self.roles:
                     raise ValueError(f"users.{uname}.roles: unknown role {r!r}")
+            if u.wire_auth != "password" and self.wire.client_ca_file is None:
+                raise ValueError(
+                    f"users.{uname}.wire_auth: {u.wire_auth!r} needs [wire] client_ca_file "
+                    "(the CA that signs client certificates)"
+                )
         for r in self.rate_limits.roles:
             if r not in self.roles:
                 raise ValueError(f"rate_limits.roles.{r}: unknown role")

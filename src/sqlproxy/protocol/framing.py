@@ -308,6 +308,11 @@ class FrontendDecoder(_Framer):
         """True until a StartupMessage has been decoded (SSL/GSS requests keep it True)."""
         return self._startup
 
+    def tls_established(self) -> None:
+        """The connection went TLS without an SSLRequest (a direct TLS handshake): an
+        SSLRequest inside it is a protocol violation, as a repeated one is."""
+        self._ssl_seen = True
+
     def expect_auth_response(self, kind: AuthResponseKind | None) -> None:
         """Say how the next 'p' messages are to be read (None: as raw AuthResponse)."""
         self._auth_kind = kind

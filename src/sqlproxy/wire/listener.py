@@ -11,16 +11,18 @@ import hmac
 import logging
 import os
 import secrets
+import socket
 import ssl
 from collections.abc import Coroutine
 from typing import Any
 
+from sqlproxy.config.loader import ConfigError, ConfigProblem
 from sqlproxy.config.models import WireConfig
 from sqlproxy.runtime import Runtime
 from sqlproxy.wire.backend import UpstreamTarget, send_cancel
 from sqlproxy.wire.decide import Decider
 from sqlproxy.wire.pool import BackendPool
-from sqlproxy.wire.session import WireSession
+from sqlproxy.wire.session import ALPN, TLS_HANDSHAKE, WireSession
 from sqlproxy.wire.tcp import TcpOptions
 
 log = logging.getLogger(__name__)
@@ -41,6 +43,29 @@ def _load_mock_secret(runtime: Runtime) -> bytes:
     with os.fdopen(fd, "w") as f:
         f.write(secret.hex())
     return secret
+
+
+def _set_done(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+async def _peek(sock: socket.socket) -> bytes:
+    """The first byte of ``sock`` once it has come (MSG_PEEK: it stays in the socket); b""
+    when the client has gone."""
+    loop = asyncio.get_running_loop()
+    sock.setblocking(False)
+    while True:
+        try:
+            return sock.recv(1, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            pass
+        ready: asyncio.Future[None] = loop.create_future()
+        loop.add_reader(sock.fileno(), _set_done, ready)
+        try:
+            await ready
+        finally:
+            loop.remove_reader(sock.fileno())
 
 
 class WireServer:
@@ -67,6 +92,8 @@ class WireServer:
         self._by_pid: dict[int, WireSession] = {}
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        # Connections handed over before their first byte was known (hand_over).
+        self._routing: set[asyncio.Task[None]] = set()
 
     def _ssl_context(self) -> ssl.SSLContext | None:
         c = self.config
@@ -76,6 +103,21 @@ class WireServer:
         ctx.load_cert_chain(
             str(self.runtime._state_path(c.tls_cert)), str(self.runtime._state_path(c.tls_key))
         )
+        # As PostgreSQL 17: ALPN "postgresql" on every TLS connection; a direct TLS client
+        # (sslnegotiation=direct) must have negotiated it (WireSession checks).
+        ctx.set_alpn_protocols([ALPN])
+        if c.client_ca_file is not None:
+            path = self.runtime._state_path(c.client_ca_file)
+            try:
+                # The only CAs trusted for client certificates: a server-side default context
+                # starts with none (the system's are loaded only into contexts that verify
+                # from the start), so a certificate from a public CA never names a user here.
+                ctx.load_verify_locations(cafile=str(path))
+            except (OSError, ssl.SSLError) as e:
+                raise ConfigError(
+                    "<config>", [ConfigProblem("wire.client_ca_file", f"cannot load {path}: {e}")]
+                ) from None
+            ctx.verify_mode = ssl.CERT_REQUIRED if c.require_client_cert else ssl.CERT_OPTIONAL
         return ctx
 
     @property
@@ -90,6 +132,62 @@ class WireServer:
             lambda: WireSession(self), self.host, self.port, reuse_address=True, backlog=1024
         )
         log.info("wire door listening on %s:%s", self.host, self.bound_port)
+
+    # -- direct TLS --------------------------------------------------------------------------
+    def hand_over(self, transport: asyncio.Transport, source: str) -> None:
+        """Take over a new connection whose first byte has not arrived yet or starts a TLS
+        handshake (WireSession.connection_made peeked). Its transport is closed without
+        having read a byte; a second descriptor of the socket keeps the connection, and
+        _route waits for that byte and then makes the session: over TLS with a handshake
+        of its own (connect_accepted_socket), so the ClientHello reaches the TLS layer
+        whole."""
+        raw = transport.get_extra_info("socket")
+        try:
+            sock = socket.socket(raw.family, raw.type, raw.proto, os.dup(raw.fileno()))
+        except OSError as e:  # out of file descriptors, say
+            log.warning("connection from %s dropped: %s", source, e)
+            transport.abort()
+            return
+        transport.close()  # closes only its own descriptor: no FIN while `sock` holds one
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.startup_timeout_s
+        task = loop.create_task(self._route(sock, source, deadline))
+        self._routing.add(task)
+        task.add_done_callback(self._routing.discard)
+
+    async def _route(self, sock: socket.socket, source: str, deadline: float) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            try:
+                first = await asyncio.wait_for(_peek(sock), max(deadline - loop.time(), 0.001))
+            except (TimeoutError, OSError):
+                first = b""  # silent until startup_timeout_s, or reset: as PostgreSQL, no word
+            if not first or self.stopping:
+                sock.close()
+                return
+            if first[0] != TLS_HANDSHAKE:
+                await loop.connect_accepted_socket(lambda: WireSession(self, deadline=deadline), sock)
+                return
+            ctx = self.ssl_context
+            if ctx is None:
+                # As PostgreSQL without ssl: the connection is closed without a word (a
+                # PostgreSQL error message would be garbage to a TLS client).
+                log.info("direct TLS connection from %s closed: the wire door has no TLS", source)
+                sock.close()
+                return
+            try:
+                await loop.connect_accepted_socket(
+                    lambda: WireSession(self, direct_tls=True, deadline=deadline),
+                    sock,
+                    ssl=ctx,
+                    ssl_handshake_timeout=max(deadline - loop.time(), 0.001),
+                )
+            except (OSError, TimeoutError) as e:  # ssl.SSLError, a reset: the client's failure
+                log.info("direct TLS handshake with %s failed: %s", source, e)
+                sock.close()  # a no-op if the loop closed it already
+        except asyncio.CancelledError:
+            sock.close()
+            raise
 
     # -- sessions ----------------------------------------------------------------------------
     def admit(self, session: WireSession) -> bool:
@@ -158,6 +256,11 @@ class WireServer:
         self.stopping = True
         if self._server is not None:
             self._server.close()
+        routing = list(self._routing)
+        for task in routing:
+            task.cancel()  # connections still without a first byte or a TLS handshake
+        if routing:
+            await asyncio.wait(routing, timeout=5)
         for s in list(self.sessions):
             s.wake()
         tasks = [s.task for s in self.sessions if s.task is not None and not s.task.done()]

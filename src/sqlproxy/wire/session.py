@@ -18,6 +18,7 @@ import contextlib
 import hmac
 import logging
 import secrets
+import socket
 import ssl
 import struct
 from collections import deque
@@ -101,6 +102,11 @@ _FAIL_SQL = b"sqlproxy: statement refused by the proxy"
 _FAIL_QUERY = b"Q" + _U32.pack(len(_FAIL_SQL) + 5) + _FAIL_SQL + b"\0"
 _FAIL_PARSE_MSG = b"P" + _U32.pack(len(_FAIL_SQL) + 8) + b"\0" + _FAIL_SQL + b"\0\0\0"
 _UNREPORTED_PARAMS = frozenset({"is_superuser", "session_authorization"})
+# The ALPN protocol name of the PostgreSQL wire protocol (PostgreSQL 17).
+ALPN = "postgresql"
+# The first byte of a TLS handshake record: a direct TLS client (sslnegotiation=direct). No
+# startup packet starts with it (its length would be over 369 MB).
+TLS_HANDSHAKE = 0x16
 
 
 class ClientGone(Exception):
@@ -161,13 +167,37 @@ def _nul(payload: bytes, start: int = 0) -> int:
     return i
 
 
+def _peek_first_byte(transport: asyncio.BaseTransport) -> int | None:
+    """The first byte the client sent, peeked (MSG_PEEK: it stays in the socket); None when
+    nothing has arrived yet or the client has gone. -1 for a transport without a socket (a
+    test's), which has no direct TLS."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return -1
+    peek = socket.socket(sock.family, sock.type, sock.proto, sock.fileno())
+    try:
+        first = peek.recv(1, socket.MSG_PEEK)
+    except OSError:  # BlockingIOError: nothing yet; ConnectionResetError: gone
+        return None
+    finally:
+        peek.detach()  # the descriptor stays the transport's
+    return first[0] if first else None
+
+
 def _frame(t: bytes, body: bytes) -> bytes:
     return t + _U32.pack(len(body) + 4) + body
 
 
 class WireSession(asyncio.Protocol, PumpOwner):
-    def __init__(self, server: WireServer) -> None:
+    def __init__(
+        self, server: WireServer, *, direct_tls: bool = False, deadline: float | None = None
+    ) -> None:
+        """``direct_tls``: the listener did a direct TLS handshake before this session began;
+        ``deadline``: the loop time by which startup must be done, when the listener has
+        already spent part of startup_timeout_s on the connection (WireServer.hand_over)."""
         self.server = server
+        self.direct_tls = direct_tls
+        self.deadline = deadline
         self.rt = server.runtime
         self.cfg = server.config
         self.transport: asyncio.Transport | None = None
@@ -180,7 +210,7 @@ class WireSession(asyncio.Protocol, PumpOwner):
         self.source_ip = "unknown"
         self.source_port: int | None = None
         self.source_text = "unknown"
-        self.tls = False
+        self.tls = direct_tls
         self.identity: Identity | None = None
         self.database: str | None = None
         self.pool: BackendPool | None = None
@@ -227,6 +257,17 @@ class WireSession(asyncio.Protocol, PumpOwner):
             self.source_ip = "local"
         port = self.source_port
         self.source_text = self.source_ip if port is None else f"{self.source_ip}:{port}"
+        if not self.direct_tls and self.deadline is None:
+            # A fresh connection: its first byte decides between the PostgreSQL protocol and
+            # a direct TLS handshake (sslnegotiation=direct), which must reach a TLS layer
+            # whole, but asyncio's start_tls cannot be handed bytes already read (and uvloop
+            # starts reading right after connection_made, paused or not). So the byte is
+            # peeked; unless it is here already and not TLS, the listener takes the socket
+            # over (WireServer.hand_over) and this transport never reads.
+            first = _peek_first_byte(transport)
+            if first is None or first == TLS_HANDSHAKE:
+                self.server.hand_over(self.transport, self.source_text)
+                return
         self.task = asyncio.get_running_loop().create_task(self.run())
         self.server.sessions.add(self)
 
@@ -317,7 +358,10 @@ class WireSession(asyncio.Protocol, PumpOwner):
     # -- lifecycle ---------------------------------------------------------------------------
     async def run(self) -> None:
         try:
-            if await asyncio.wait_for(self._startup(), self.cfg.startup_timeout_s):
+            timeout = self.cfg.startup_timeout_s
+            if self.deadline is not None:
+                timeout = max(self.deadline - asyncio.get_running_loop().time(), 0.001)
+            if await asyncio.wait_for(self._startup(), timeout):
                 await self._serve()
         except ClientGone:
             pass
@@ -392,7 +436,20 @@ class WireSession(asyncio.Protocol, PumpOwner):
                 return msg
             await self._more()
 
+    def _check_direct_tls(self) -> None:
+        """A direct TLS connection (the listener did the handshake): as PostgreSQL 17, the
+        client must have negotiated ALPN "postgresql", or the connection is closed without a
+        word. An SSLRequest inside it is then a protocol violation."""
+        assert self.transport is not None
+        tls = self.transport.get_extra_info("ssl_object")
+        if tls is None or tls.selected_alpn_protocol() != ALPN:
+            log.info('direct TLS connection from %s closed: no ALPN "%s" negotiated', self.source_text, ALPN)
+            raise ClientGone
+        self.dec.tls_established()
+
     async def _startup(self) -> bool:
+        if self.direct_tls:
+            self._check_direct_tls()
         while True:
             msg = await self._next_startup()
             if isinstance(msg, SSLRequest):
@@ -499,15 +556,25 @@ class WireSession(asyncio.Protocol, PumpOwner):
         user_key = _user_lock_key(user)
         lock = users.lockout
         stored = users.password_verifier(user)
+        method = users.wire_auth(user)
+        cn = self._certificate_cn()
+        cert_ok = method == "password" or (cn is not None and cn == user)
         refused = (
-            stored is None
+            (stored is None and method != "cert")
+            or not cert_ok
+            or users.is_disabled(user)
             or not users.source_allowed(user, self.source_ip)
             or lock.locked(src_key)
             or lock.locked(user_key)
         )
         ok = False
         try:
-            if self.cfg.allow_md5 and (stored is None or is_md5_hash(stored)):
+            if method == "cert" and not refused:
+                ok = True  # the certificate is the credential: no password is asked
+            # A refused certificate user goes through the password exchange of an unknown user
+            # (it has no password) and fails it: a client cannot tell a certificate user from
+            # a password user, nor a missing certificate from a wrong password.
+            elif self.cfg.allow_md5 and (stored is None or is_md5_hash(stored)):
                 ok = await self._auth_md5(user, None if refused else stored)
             elif self.cfg.allow_cleartext_over_tls and self.tls:
                 ok = await self._auth_cleartext(user, None if refused else stored)
@@ -522,10 +589,30 @@ class WireSession(asyncio.Protocol, PumpOwner):
             req = Request(door="wire", sql=None, source_ip=self.source_ip, source_port=self.source_port)
             req.error = Unauthenticated("password authentication failed", sqlstate="28P01")
             req.extra["user_presented"] = user[:64]
+            if method != "password":
+                # For the operator: why a certificate user was refused.
+                req.extra["wire_auth"] = method
+                if cn is not None:
+                    req.extra["client_cert_cn"] = cn[:64]
             await asyncio.shield(self.rt.audit_request(req))
             raise Fatal("28P01", f'password authentication failed for user "{user}"')
         lock.reset(user_key)
         self.identity = users.identity(user)
+
+    def _certificate_cn(self) -> str | None:
+        """The common name of the client's certificate, verified during the TLS handshake
+        against [wire] client_ca_file (the only CAs the listener trusts for it). None without
+        TLS, without a certificate, or when the subject has no CN or more than one."""
+        if not self.tls or self.transport is None:
+            return None
+        tls = self.transport.get_extra_info("ssl_object")
+        if tls is None:
+            return None
+        cert = tls.getpeercert()  # {} unless a certificate was received and verified
+        if not cert:
+            return None
+        cns = [value for rdn in cert.get("subject", ()) for key, value in rdn if key == "commonName"]
+        return cns[0] if len(cns) == 1 else None
 
     async def _auth_msg(self, kind: str) -> object:
         self.dec.expect_auth_response(kind)  # type: ignore[arg-type]
