@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
 import pickle
@@ -47,6 +48,7 @@ log = logging.getLogger(__name__)
 _LEN = struct.Struct("!I")
 # What a batch frame may hold: the parent's batches are bounded by audit.batch_size records.
 _MAX_FRAME = 1 << 31
+_PIPE_BYTES = 1 << 20
 
 Spec = tuple[Any, ...]
 # The child imports this package from where the parent found it.
@@ -94,6 +96,7 @@ class SinkProcess:
         )
         self._proc = proc
         self._started += 1
+        _widen_pipe(proc.stdin)
         return proc
 
     async def write(
@@ -147,6 +150,19 @@ class SinkProcess:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
             await proc.wait()
+
+
+def _widen_pipe(stream: asyncio.StreamWriter | None) -> None:
+    """Give the pipe to the child room for a whole batch (a few hundred KiB): with Linux's
+    default 64 KiB, one batch took several writes, each waking the child, and as many turns of
+    the event loop. Best effort: the limit for unprivileged users is 1 MiB."""
+    if stream is None or not hasattr(fcntl, "F_SETPIPE_SZ"):
+        return
+    pipe = stream.transport.get_extra_info("pipe")
+    if pipe is None:
+        return
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(pipe.fileno(), fcntl.F_SETPIPE_SZ, _PIPE_BYTES)
 
 
 # -- the child ------------------------------------------------------------------------------------
