@@ -8,6 +8,7 @@ import asyncio
 import dataclasses
 import os
 import signal
+import sys
 from pathlib import Path
 
 from sqlproxy.audit.chain import Chain, ChainState
@@ -183,3 +184,26 @@ async def test_the_child_ignores_terminal_signals_and_exits_at_close(tmp_path: P
     # Reaped: no process of that pid is our child any more.
     assert not Path(f"/proc/{pid}").exists() or "zombie" not in Path(f"/proc/{pid}/status").read_text()
     await check(tmp_path, 10)
+
+
+async def test_a_child_that_cannot_start_is_retried_not_fatal(tmp_path: Path) -> None:
+    """Spawning fails (here: the interpreter path is gone, as after an upgrade in place): the
+    batch is held and retried, and written once a child can start."""
+    proc = SinkProcess()
+    w = writer(tmp_path, proc)
+    await w.start()
+    real = sys.executable
+    sys.executable = str(tmp_path / "no-such-python")
+    try:
+        for i in range(3):
+            await w.enqueue(rec(i))
+        for _ in range(200):
+            if w.failures >= 2:
+                break
+            await asyncio.sleep(0.05)
+        assert w.failures >= 2 and w.written == 0
+    finally:
+        sys.executable = real
+    await asyncio.wait_for(w.flush(), 30)
+    await w.close()
+    await check(tmp_path, 3)

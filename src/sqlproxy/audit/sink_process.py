@@ -111,7 +111,10 @@ class SinkProcess:
             for r in batch
         ]
         payload = pickle.dumps((tuple(specs), records), protocol=pickle.HIGHEST_PROTOCOL)
-        proc = await self._child()
+        try:
+            proc = await self._child()
+        except OSError as e:  # out of processes or descriptors: the writer retries the batch
+            return 0, SinkProcessError(f"cannot start the audit writer process: {e}")
         assert proc.stdin is not None and proc.stdout is not None
         try:
             proc.stdin.write(_LEN.pack(len(payload)) + payload)
