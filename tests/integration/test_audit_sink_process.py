@@ -8,12 +8,16 @@ import asyncio
 import dataclasses
 import os
 import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
+
+import pytest
 
 from sqlproxy.audit.chain import Chain, ChainState
 from sqlproxy.audit.record import AuditRecord
-from sqlproxy.audit.sink_process import SinkProcess, process_spec
+from sqlproxy.audit.sink_process import SinkProcess, process_spec, wait_for_writers, writer_lock_path
 from sqlproxy.audit.sinks import JsonlSink, SqliteStore, all_jsonl_files
 from sqlproxy.audit.verify import verify_jsonl, verify_store
 from sqlproxy.audit.writer import AuditWriter
@@ -207,3 +211,53 @@ async def test_a_child_that_cannot_start_is_retried_not_fatal(tmp_path: Path) ->
     await asyncio.wait_for(w.flush(), 30)
     await w.close()
     await check(tmp_path, 3)
+
+
+def _hold_lock(path: Path, seconds: float) -> subprocess.Popen[bytes]:
+    """Another process holding a target's writer lock, as a child of a dead proxy finishing
+    its last batch would."""
+    code = (
+        "import fcntl, sys, time\n"
+        "f = open(sys.argv[1], 'ab')\n"
+        "fcntl.flock(f.fileno(), fcntl.LOCK_EX)\n"
+        "print('locked', flush=True)\n"
+        "time.sleep(float(sys.argv[2]))\n"
+    )
+    p = subprocess.Popen([sys.executable, "-c", code, str(path), str(seconds)], stdout=subprocess.PIPE)
+    assert p.stdout is not None and p.stdout.readline() == b"locked\n"
+    return p
+
+
+async def test_a_new_writer_waits_for_a_previous_one_still_writing(tmp_path: Path) -> None:
+    """The chain head is read only once no earlier writer process holds the store: one that
+    committed a batch after the head was read would make the store skip the new records."""
+    holder = _hold_lock(writer_lock_path(("sqlite", str(tmp_path / "audit.db"))), 1.0)
+    try:
+        w = writer(tmp_path, SinkProcess())
+        started = time.monotonic()
+        await w.start()
+        assert time.monotonic() - started >= 0.7
+        assert holder.poll() is not None  # it had to let go first
+        await w.enqueue(rec(0))
+        await w.flush()
+        # Its own child now holds the store, for as long as it lives.
+        store_spec = ("sqlite", str(tmp_path / "audit.db"))
+        with pytest.raises(RuntimeError):
+            await asyncio.to_thread(wait_for_writers, [store_spec], 0.2)
+        await w.close()
+        await asyncio.to_thread(wait_for_writers, [store_spec], 5)
+    finally:
+        holder.kill()
+        holder.wait()
+    await check(tmp_path, 1)
+
+
+async def test_a_target_locked_for_good_is_reported(tmp_path: Path) -> None:
+    holder = _hold_lock(writer_lock_path(("jsonl", str(tmp_path / "audit.jsonl"))), 30.0)
+    try:
+        specs = [process_spec(JsonlSink(tmp_path / "audit.jsonl"))]
+        with pytest.raises(RuntimeError, match="same state_dir"):
+            await asyncio.to_thread(wait_for_writers, specs, 0.5)  # type: ignore[arg-type]
+    finally:
+        holder.kill()
+        holder.wait()

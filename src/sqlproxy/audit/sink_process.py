@@ -36,6 +36,7 @@ import pickle
 import signal
 import struct
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any, cast
@@ -68,6 +69,51 @@ def process_spec(target: object) -> Spec | None:
     if type(target) is JsonlSink:
         return ("jsonl", str(target.path), target.rotate_bytes, target.keep_files)
     return None
+
+
+def writer_lock_path(spec: Spec) -> Path:
+    """The lock a child holds on a target for as long as it lives (see wait_for_writers)."""
+    return Path(str(spec[1]) + ".writer-lock")
+
+
+def _hold_writer_lock(spec: Spec) -> IO[bytes]:
+    """In the child: take the target's lock, waiting for a child of an earlier proxy process
+    that is still finishing its last batch. The returned file holds the lock until exit."""
+    path = writer_lock_path(spec)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    f = open(path, "ab")  # noqa: SIM115 - held for the process's lifetime
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        log.warning("audit writer process: waiting for the previous writer of %s to finish", spec[1])
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+    return f
+
+
+def wait_for_writers(specs: Sequence[Spec], timeout_s: float = 60.0) -> None:
+    """In the proxy, before it reads where the chain stands: wait until no writer process
+    (a child of an earlier proxy process whose parent died mid-batch) still holds a target.
+    Reading the chain head while such a child commits one last batch would resume the chain
+    behind it, and the store would then skip the new records with those seqs as written.
+    Raises RuntimeError when a target stays locked (another proxy on the same state_dir)."""
+    for spec in specs:
+        path = writer_lock_path(spec)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        deadline = time.monotonic() + timeout_s
+        with open(path, "ab") as f:
+            while True:
+                try:
+                    fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise RuntimeError(
+                            f"audit target {spec[1]} is still being written by another process "
+                            f"after {timeout_s:.0f} s (does another proxy use the same state_dir?)"
+                        ) from None
+                    time.sleep(0.05)
+                    continue
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+                break
 
 
 class SinkProcess:
@@ -214,6 +260,7 @@ def _read_exact(f: IO[bytes], n: int) -> bytes | None:
 
 def serve(inp: IO[bytes], out: IO[bytes], resume: bool) -> None:
     targets: dict[Spec, JsonlSink | SqliteStore] = {}
+    locks: list[IO[bytes]] = []
     try:
         while True:
             head = _read_exact(inp, _LEN.size)
@@ -232,6 +279,7 @@ def serve(inp: IO[bytes], out: IO[bytes], resume: bool) -> None:
                 try:
                     target = targets.get(spec)
                     if target is None:
+                        locks.append(_hold_writer_lock(spec))
                         target = targets[spec] = _make_target(spec, resume)
                     target.write_batch_sync(batch)
                 except Exception as e:
@@ -246,6 +294,8 @@ def serve(inp: IO[bytes], out: IO[bytes], resume: bool) -> None:
         for target in targets.values():
             with contextlib.suppress(Exception):
                 target.close_sync()
+        for f in locks:
+            f.close()
 
 
 def main(argv: Sequence[str]) -> int:

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 
 from sqlproxy.audit.chain import Chain, ChainState
 from sqlproxy.audit.record import AuditRecord, escaped_record
-from sqlproxy.audit.sink_process import SinkProcess, Spec, process_spec
+from sqlproxy.audit.sink_process import SinkProcess, Spec, process_spec, wait_for_writers
 from sqlproxy.audit.sinks import AuditStore, CatchUpSink, Sink, thread_writer
 
 log = logging.getLogger(__name__)
@@ -99,6 +99,9 @@ class AuditWriter:
     async def start(self) -> None:
         if self._task is not None:
             return
+        if self._process is not None:
+            specs = [spec for t in [self.store, *self.sinks] if (spec := process_spec(t)) is not None]
+            await asyncio.to_thread(wait_for_writers, specs)
         state = await self._resume_state()
         self._chain = Chain(self._key, state)
         self._written_seq = state.seq
