@@ -116,6 +116,8 @@ async def start_live_proxy(
 class StreamClient:
     conn: ClientConnection
     received: list[dict[str, Any]] = field(default_factory=list)
+    # Per subscription, records of a data frame that audit_until has not handed out yet.
+    unread: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
     async def send(self, frame: dict[str, Any]) -> None:
         await self.conn.send(json.dumps(frame))
@@ -141,9 +143,17 @@ class StreamClient:
         return await self.recv_type("ready")
 
     async def audit_until(self, sub_id: str, pred: Any) -> list[dict[str, Any]]:
-        """Audit records of ``sub_id`` up to and including the first one for which pred is true."""
+        """Audit records of ``sub_id`` up to and including the first one for which pred is true.
+        Records of the same frame after that one are kept for the next call, not dropped: how
+        records are split into frames depends on timing."""
         out: list[dict[str, Any]] = []
+        unread = self.unread.setdefault(sub_id, [])
         while True:
+            while unread:
+                r = unread.pop(0)
+                out.append(r)
+                if pred(r):
+                    return out
             f = await self.recv()
             if f.get("id") != sub_id:
                 continue
@@ -151,10 +161,7 @@ class StreamClient:
                 raise AssertionError(f"error frame: {f}")
             if f["type"] != "data":
                 continue
-            for r in f["records"]:
-                out.append(r)
-                if pred(r):
-                    return out
+            unread.extend(f["records"])
 
     async def close(self) -> None:
         await self.conn.close()
