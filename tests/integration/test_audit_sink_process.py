@@ -19,8 +19,8 @@ from sqlproxy.audit.chain import Chain, ChainState
 from sqlproxy.audit.record import AuditRecord
 from sqlproxy.audit.sink_process import SinkProcess, process_spec, wait_for_writers, writer_lock_path
 from sqlproxy.audit.sinks import JsonlSink, SqliteStore, all_jsonl_files
-from sqlproxy.audit.verify import verify_jsonl, verify_store
 from sqlproxy.audit.writer import AuditWriter
+from tests.audit_checks import verify_trail
 
 KEY = bytes.fromhex("44" * 32)
 
@@ -52,17 +52,7 @@ def writer(tmp: Path, process: SinkProcess | None, *, jsonl: Path | None = None)
 
 
 async def check(tmp: Path, expected: int) -> None:
-    store = SqliteStore(tmp / "audit.db")
-    try:
-        report = await verify_store(store, KEY)
-        head = await store.head()
-    finally:
-        await store.close()
-    assert report.ok, report.problems
-    assert report.records == expected and head is not None and head.seq == expected
-    jreport = verify_jsonl(tmp / "audit.jsonl", KEY, head, require_genesis=True)
-    assert jreport.ok, jreport.problems
-    assert jreport.records == expected
+    await verify_trail(tmp / "audit.db", tmp / "audit.jsonl", KEY, expected)
 
 
 def jsonl_bytes(path: Path) -> bytes:

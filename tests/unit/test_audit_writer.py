@@ -12,8 +12,9 @@ import pytest
 from sqlproxy.audit.chain import ChainState
 from sqlproxy.audit.record import AuditRecord
 from sqlproxy.audit.sinks import JsonlSink, SqliteStore
-from sqlproxy.audit.verify import verify_jsonl, verify_store
+from sqlproxy.audit.verify import verify_store
 from sqlproxy.audit.writer import AuditWriter
+from tests.audit_checks import verify_trail
 
 KEY = bytes.fromhex("33" * 32)
 
@@ -85,18 +86,7 @@ def make_writer(tmp_path: Path, *, jsonl: bool = True, **kw: int) -> AuditWriter
 
 
 async def full_check(tmp_path: Path, expected: int) -> None:
-    db, jl = paths(tmp_path)
-    store = SqliteStore(db)
-    try:
-        report = await verify_store(store, KEY)
-        head = await store.head()
-    finally:
-        await store.close()
-    assert report.ok, report.problems
-    assert report.records == expected and head is not None and head.seq == expected
-    jreport = verify_jsonl(jl, KEY, head, require_genesis=True)
-    assert jreport.ok, jreport.problems
-    assert jreport.records == expected
+    await verify_trail(*paths(tmp_path), KEY, expected)
 
 
 async def test_submit_seals_in_order_and_flush_makes_durable(tmp_path: Path) -> None:
