@@ -36,6 +36,7 @@ from sqlproxy.sql.cache import AnalysisCache
 from sqlproxy.sql.model import Analysis, TableName
 from sqlproxy.sql.rewrite import RelationRewrite
 from sqlproxy.stream.hub import StreamHub
+from sqlproxy.wire.tcp import TcpOptions
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,9 @@ class Runtime:
         self.metrics = Metrics()
         self.analysis_cache = AnalysisCache(maxsize=20_000)
         self._services = build_services(cfg, self.env)
-        self.upstreams: dict[str, Upstream] = {n: Upstream(n, d) for n, d in cfg.databases.items()}
+        self.upstreams: dict[str, Upstream] = {
+            n: Upstream(n, d, TcpOptions.from_config(cfg.wire)) for n, d in cfg.databases.items()
+        }
         # One limiter for the life of the process: bucket state must survive reloads.
         self.rate_limiter = RateLimiter(cfg.rate_limits, cfg.distributed_rate_limiting)
         self.rate_limiter.register_metrics(self.metrics.registry)
@@ -127,7 +130,7 @@ class Runtime:
             if cur is None or cur.config != db:
                 if cur is not None:
                     self._retired.append(cur)
-                self.upstreams[name] = Upstream(name, db)
+                self.upstreams[name] = Upstream(name, db, TcpOptions.from_config(new.wire))
         for name in list(self.upstreams):
             if name not in new.databases:
                 self._retired.append(self.upstreams.pop(name))

@@ -24,7 +24,11 @@ import psycopg
 import pytest
 import pytest_asyncio
 
+from sqlproxy.config.loader import ConfigHolder, load_config
+from sqlproxy.demo.launcher import write_demo_config
 from sqlproxy.protocol.messages import DataRow, NoticeResponse, ReadyForQuery
+from sqlproxy.runtime import Runtime
+from sqlproxy.server import build_app
 from sqlproxy.wire.backend import BackendConnection, UpstreamTarget
 from sqlproxy.wire.listener import WireServer
 from tests.fix_proxy import ProxyHarness
@@ -337,3 +341,28 @@ async def test_client_behind_a_dead_path_is_dropped_with_its_transaction(
         else:
             sock.close()
         await server.stop(grace_s=1)
+
+
+async def test_http_door_upstream_connections_get_the_options(
+    demo_dsn: str, tmp_path: Any, demo_keys: dict[str, str], demo_passwords: dict[str, str]
+) -> None:
+    """The HTTP and WebSocket doors' asyncpg pools get the same keepalive and user timeout as
+    the wire door's server connections."""
+    path = write_demo_config(tmp_path, demo_dsn, 8080, demo_keys, demo_passwords)
+    cfg = load_config(path)
+    wire = cfg.wire.model_copy(
+        update={"tcp_keepidle_s": 23, "tcp_keepintvl_s": 5, "tcp_keepcnt": 3, "tcp_user_timeout_ms": 4100}
+    )
+    holder = ConfigHolder(cfg.model_copy(update={"wire": wire}), path)
+    runtime: Runtime = build_app(holder, env={}).state.runtime
+    await runtime.start()
+    try:
+        pool = runtime.upstreams["demo"].pool
+        assert pool is not None  # start() opened it to load the catalog
+        async with pool.acquire() as conn:
+            assert await conn.fetchval("SELECT 1") == 1
+            sock = _sock(conn._transport)
+            assert sock.getpeername()[1] == UpstreamTarget.from_dsn(demo_dsn).port
+            assert _opts(sock) == (1, 23, 5, 3, 4100)
+    finally:
+        await runtime.close()

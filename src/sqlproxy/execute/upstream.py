@@ -21,6 +21,7 @@ import asyncpg
 from sqlproxy.config.models import DatabaseConfig
 from sqlproxy.pipeline.errors import ProxyError, UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from sqlproxy.sql.catalog import Catalog, load_catalog
+from sqlproxy.wire.tcp import TcpOptions
 
 log = logging.getLogger(__name__)
 
@@ -105,9 +106,11 @@ def translate_error(exc: BaseException) -> ProxyError:
 class Upstream:
     """One configured database: pool, catalog, health."""
 
-    def __init__(self, name: str, config: DatabaseConfig) -> None:
+    def __init__(self, name: str, config: DatabaseConfig, tcp: TcpOptions | None = None) -> None:
         self.name = name
         self.config = config
+        # Keepalive and user timeout for the pool's connections, as for the wire door's own.
+        self.tcp = tcp
         self._pool: asyncpg.Pool | None = None
         self._catalog: Catalog | None = None
         self._catalog_loaded_at = 0.0
@@ -139,12 +142,20 @@ class Upstream:
                         timeout=self.config.connect_timeout_s,
                         command_timeout=None,
                         reset=_release_as_is,
+                        init=self._on_connect if self.tcp is not None else None,
                     )
                     self.last_error = None
                 except BaseException as e:
                     self.last_error = f"{type(e).__name__}: {e}"
                     raise translate_error(e) from e
             return self._pool
+
+    async def _on_connect(self, conn: asyncpg.Connection) -> None:
+        # asyncpg has no public way to the socket; its transport attribute has been there
+        # since its first release (and the test reads the options back through it).
+        transport = getattr(conn, "_transport", None)
+        if transport is not None and self.tcp is not None:
+            self.tcp.apply(transport)
 
     async def start(self) -> None:
         """Open the pool and load the catalog; failures are remembered, not fatal, so the proxy
