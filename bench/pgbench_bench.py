@@ -329,6 +329,14 @@ store = "sqlite:///audit/audit.db"
 """
 
 
+def pin_process(pid: int, cpus: set[int]) -> None:
+    """Every thread of ``pid`` (sched_setaffinity moves one thread); processes and threads it
+    starts later (the audit writer) inherit the mask."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(ProcessLookupError):
+            os.sched_setaffinity(int(task.name), cpus)
+
+
 @dataclass
 class Proxy:
     name: str
@@ -507,6 +515,13 @@ def main() -> int:
     ap.add_argument("--no-tpcb", action="store_true", help="skip the TPC-B runs")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
     ap.add_argument(
+        "--pin",
+        action="store_true",
+        help="diagnostic: run each sqlproxy process (and its audit writer) alone on the last CPU "
+        "and everything else on the others, so its CPU per transaction is measured without "
+        "scheduling noise; the TPS ratios are then not a fair comparison",
+    )
+    ap.add_argument(
         "--py-spy",
         type=Path,
         metavar="DIR",
@@ -516,6 +531,15 @@ def main() -> int:
     args = ap.parse_args()
 
     pgbench = pgbench_binary()
+    proxy_cpus: set[int] | None = None
+    if args.pin:
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < 2:
+            ap.error("--pin needs at least two CPUs")
+        proxy_cpus = {cpus[-1]}
+        # Everything this script starts from now on inherits the other CPUs.
+        os.sched_setaffinity(0, set(cpus[:-1]))
+        print(f"pinned: sqlproxy on CPU {cpus[-1]}, everything else on {cpus[:-1]}", flush=True)
     if args.py_spy is not None:
         args.py_spy.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
@@ -537,6 +561,8 @@ def main() -> int:
         upstream = f"postgresql://{BENCH_USER}:{password}@127.0.0.1:{pg.port}/{BENCH_DB}"
         for name, mode in (("sqlproxy-tx", "transaction"), ("sqlproxy-session", "session")):
             p = start_sqlproxy(tmp, name, upstream, password, mode, args.pool_size)
+            if proxy_cpus is not None:
+                pin_process(p.proc.pid, proxy_cpus)
             proxies.append(p)
             procs.append((p.proc, name))
 
@@ -646,6 +672,9 @@ def report(
         print(f"{mode:11} {target:17}{cells} {mean(mode, target):9.0f} {failed:7d} {lat:7.2f} {cpu}")
 
     print("\n== ratios (mean TPS) ==")
+    if args.pin:
+        print("(--pin: sqlproxy had a CPU of its own and everything else shared the rest: these")
+        print(" ratios are not a comparison; read the CPU per transaction)")
     print(f"{'mode':11} {'target':17} {'vs PgBouncer':>18} {'/PgBouncer':>11} {'/direct':>8}")
     pairs = (
         ("simple", "python-fwd", "pgbouncer-tx"),
