@@ -20,6 +20,10 @@ from sqlproxy.audit.record import AuditRecord
 from sqlproxy.audit.sink_process import SinkProcess, process_spec, wait_for_writers, writer_lock_path
 from sqlproxy.audit.sinks import JsonlSink, SqliteStore, all_jsonl_files
 from sqlproxy.audit.writer import AuditWriter
+from sqlproxy.config.loader import ConfigHolder, load_config
+from sqlproxy.demo.launcher import write_demo_config
+from sqlproxy.runtime import Runtime
+from sqlproxy.server import build_app
 from tests.audit_checks import verify_trail
 
 KEY = bytes.fromhex("44" * 32)
@@ -251,3 +255,42 @@ async def test_a_target_locked_for_good_is_reported(tmp_path: Path) -> None:
     finally:
         holder.kill()
         holder.wait()
+
+
+async def test_the_runtime_writes_through_a_thread_when_told_to(
+    demo_dsn: str, tmp_path: Path, demo_keys: dict[str, str], demo_passwords: dict[str, str]
+) -> None:
+    """[audit] writer_process = false: the same records, written from a worker thread, and no
+    writer process started."""
+    path = write_demo_config(tmp_path, demo_dsn, 8080, demo_keys, demo_passwords)
+    cfg = load_config(path)
+    audit_cfg = cfg.audit.model_copy(update={"writer_process": False})
+    runtime: Runtime = build_app(
+        ConfigHolder(cfg.model_copy(update={"audit": audit_cfg}), path), env={}
+    ).state.runtime
+    await runtime.start()
+    try:
+        for i in range(3):
+            await runtime.audit.enqueue(rec(i))
+        await runtime.audit.flush()
+        assert runtime.audit.written == 3
+        assert not any("sink_process" in p.read_text(errors="replace") for p in _our_children())
+    finally:
+        await runtime.close()
+    state = Path(cfg.server.state_dir)
+    # The runtime's key, not the test's: the trail verifies under the key in state_dir.
+    key = bytes.fromhex((state / "audit" / "chain.key").read_text().strip())
+    await verify_trail(state / "audit" / "audit.db", state / "audit" / "audit.jsonl", key, 3)
+
+
+def _our_children() -> list[Path]:
+    """The command lines of this process's children."""
+    me = str(os.getpid())
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if stat.read_text().rsplit(")", 1)[1].split()[1] == me:
+                out.append(stat.with_name("cmdline"))
+        except (OSError, IndexError):
+            continue
+    return out
