@@ -36,7 +36,7 @@ from sqlproxy.sql.cache import AnalysisCache
 from sqlproxy.sql.model import Analysis, TableName
 from sqlproxy.sql.rewrite import RelationRewrite
 from sqlproxy.stream.hub import StreamHub
-from sqlproxy.wire.tcp import TcpOptions
+from sqlproxy.tcp import TcpOptions
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ import pytest
 
 from sqlproxy.config.loader import ConfigError, parse_config
 from sqlproxy.config.models import WireConfig
-from sqlproxy.wire.tcp import TcpOptions
+from sqlproxy.tcp import TcpOptions
 
 
 def test_defaults_turn_keepalive_on_with_production_timings() -> None:

@@ -21,7 +21,7 @@ import asyncpg
 from sqlproxy.config.models import DatabaseConfig
 from sqlproxy.pipeline.errors import ProxyError, UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from sqlproxy.sql.catalog import Catalog, load_catalog
-from sqlproxy.wire.tcp import TcpOptions
+from sqlproxy.tcp import TcpOptions
 
 log = logging.getLogger(__name__)
 

@@ -43,8 +43,8 @@ from sqlproxy.protocol.messages import (
 from sqlproxy.protocol.scram import ScramClient
 
 if TYPE_CHECKING:
+    from sqlproxy.tcp import TcpOptions
     from sqlproxy.wire.pump import ResponsePump
-    from sqlproxy.wire.tcp import TcpOptions
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,11 +19,11 @@ from typing import Any
 from sqlproxy.config.loader import ConfigError, ConfigProblem
 from sqlproxy.config.models import WireConfig
 from sqlproxy.runtime import Runtime
+from sqlproxy.tcp import TcpOptions
 from sqlproxy.wire.backend import UpstreamTarget, send_cancel
 from sqlproxy.wire.decide import Decider
 from sqlproxy.wire.pool import BackendPool
 from sqlproxy.wire.session import ALPN, TLS_HANDSHAKE, WireSession
-from sqlproxy.wire.tcp import TcpOptions
 
 log = logging.getLogger(__name__)
 

@@ -16,9 +16,9 @@ from collections import deque
 from collections.abc import Callable
 
 from sqlproxy.pipeline.errors import UpstreamUnavailable
+from sqlproxy.tcp import TcpOptions
 from sqlproxy.wire.backend import BackendConnection, UpstreamTarget, connect_backend
 from sqlproxy.wire.pump import HIDDEN, Exp, PumpOwner, ResponsePump
-from sqlproxy.wire.tcp import TcpOptions
 
 log = logging.getLogger(__name__)
 

@@ -1,8 +1,10 @@
-"""TCP keepalive and user timeout on the wire door's sockets (``[wire] tcp_*``).
+"""TCP keepalive and user timeout on the proxy's sockets (``[wire] tcp_*``).
 
-Applied to every client connection the listener accepts and every server connection the pools
-open, as soon as the connection is made (before TLS, which runs over the same socket); also to
-the HTTP and WebSocket doors' upstream connections (asyncpg's pool, execute/upstream.py). A dead
+Applied to every client connection the wire listener accepts and every server connection its
+pools open, as soon as the connection is made (before TLS, which runs over the same socket), and
+to the HTTP and WebSocket doors' upstream connections (asyncpg's pool, execute/upstream.py): so
+it lives outside the wire package. The settings sit in [wire] because the wire door's client
+sockets were their first use. A dead
 peer is then reported by the kernel (ETIMEDOUT) as a lost connection on the existing paths:
 the session ends for a vanished client, and a server connection is dropped from its pool with
 an 08006 to the client that was using it. Unix-domain sockets are left alone.
