@@ -23,7 +23,7 @@ from sqlproxy.tcp import TcpOptions
 from sqlproxy.wire.backend import UpstreamTarget, send_cancel
 from sqlproxy.wire.decide import Decider
 from sqlproxy.wire.pool import BackendPool
-from sqlproxy.wire.session import ALPN, TLS_HANDSHAKE, WireSession
+from sqlproxy.wire.session import ALPN, TLS_HANDSHAKE, WireSession, peek_first
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +56,9 @@ async def _peek(sock: socket.socket) -> bytes:
     loop = asyncio.get_running_loop()
     sock.setblocking(False)
     while True:
-        try:
-            return sock.recv(1, socket.MSG_PEEK)
-        except (BlockingIOError, InterruptedError):
-            pass
+        first = peek_first(sock)
+        if first is not None:
+            return first
         ready: asyncio.Future[None] = loop.create_future()
         loop.add_reader(sock.fileno(), _set_done, ready)
         try:

@@ -167,17 +167,26 @@ def _nul(payload: bytes, start: int = 0) -> int:
     return i
 
 
+def peek_first(sock: socket.socket) -> bytes | None:
+    """The first byte waiting on a non-blocking ``sock``, left there (MSG_PEEK); b"" when the
+    client closed, None when nothing has come yet. A reset raises (OSError)."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK)
+    except (BlockingIOError, InterruptedError):
+        return None
+
+
 def _peek_first_byte(transport: asyncio.BaseTransport) -> int | None:
-    """The first byte the client sent, peeked (MSG_PEEK: it stays in the socket); None when
-    nothing has arrived yet or the client has gone. -1 for a transport without a socket (a
-    test's), which has no direct TLS."""
+    """The first byte the client sent, peeked (it stays in the socket); None when nothing has
+    arrived yet or the client has gone. -1 for a transport without a socket (a test's), which
+    has no direct TLS."""
     sock = transport.get_extra_info("socket")
     if sock is None:
         return -1
     peek = socket.socket(sock.family, sock.type, sock.proto, sock.fileno())
     try:
-        first = peek.recv(1, socket.MSG_PEEK)
-    except OSError:  # BlockingIOError: nothing yet; ConnectionResetError: gone
+        first = peek_first(peek)
+    except OSError:  # gone
         return None
     finally:
         peek.detach()  # the descriptor stays the transport's
