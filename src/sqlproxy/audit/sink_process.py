@@ -76,15 +76,25 @@ def writer_lock_path(spec: Spec) -> Path:
     return Path(str(spec[1]) + ".writer-lock")
 
 
-def _hold_writer_lock(spec: Spec) -> IO[bytes]:
-    """In the child: take the target's lock, waiting for a child of an earlier proxy process
-    that is still finishing its last batch. The returned file holds the lock until exit."""
+def _open_lock(spec: Spec) -> IO[bytes]:
     path = writer_lock_path(spec)
     path.parent.mkdir(parents=True, exist_ok=True)
-    f = open(path, "ab")  # noqa: SIM115 - held for the process's lifetime
+    return open(path, "ab")
+
+
+def _try_lock(f: IO[bytes]) -> bool:
     try:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
+        return False
+    return True
+
+
+def _hold_writer_lock(spec: Spec) -> IO[bytes]:
+    """In the child: take the target's lock, waiting for a child of an earlier proxy process
+    that is still finishing its last batch. The returned file holds the lock until exit."""
+    f = _open_lock(spec)
+    if not _try_lock(f):
         log.warning("audit writer process: waiting for the previous writer of %s to finish", spec[1])
         fcntl.flock(f.fileno(), fcntl.LOCK_EX)
     return f
@@ -97,23 +107,16 @@ def wait_for_writers(specs: Sequence[Spec], timeout_s: float = 60.0) -> None:
     behind it, and the store would then skip the new records with those seqs as written.
     Raises RuntimeError when a target stays locked (another proxy on the same state_dir)."""
     for spec in specs:
-        path = writer_lock_path(spec)
-        path.parent.mkdir(parents=True, exist_ok=True)
         deadline = time.monotonic() + timeout_s
-        with open(path, "ab") as f:
-            while True:
-                try:
-                    fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    if time.monotonic() >= deadline:
-                        raise RuntimeError(
-                            f"audit target {spec[1]} is still being written by another process "
-                            f"after {timeout_s:.0f} s (does another proxy use the same state_dir?)"
-                        ) from None
-                    time.sleep(0.05)
-                    continue
-                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-                break
+        with _open_lock(spec) as f:
+            while not _try_lock(f):
+                if time.monotonic() >= deadline:
+                    raise RuntimeError(
+                        f"audit target {spec[1]} is still being written by another process "
+                        f"after {timeout_s:.0f} s (does another proxy use the same state_dir?)"
+                    )
+                time.sleep(0.05)
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 class SinkProcess:
