@@ -35,18 +35,9 @@ from tests.fix_proxy import ProxyHarness
 from tests.fix_wire import WireFactory, WireHarness
 from tests.netns import CutPath, Relay, hard_close, require_netns
 from tests.raw_wire import HANG_S, ROBUST_SQL, RawClient, errors, fatal, lock_key, query, session_ended
+from tests.tcp_checks import tcp_options_of
 
 _T = socket.IPPROTO_TCP
-
-
-def _opts(sock: Any) -> tuple[int, int, int, int, int]:
-    return (
-        sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
-        sock.getsockopt(_T, socket.TCP_KEEPIDLE),
-        sock.getsockopt(_T, socket.TCP_KEEPINTVL),
-        sock.getsockopt(_T, socket.TCP_KEEPCNT),
-        sock.getsockopt(_T, socket.TCP_USER_TIMEOUT),
-    )
 
 
 def _sock(transport: Any) -> Any:
@@ -95,15 +86,15 @@ async def test_configured_options_on_client_and_server_sockets(wire_factory: Wir
         tcp_user_timeout_ms=2500,
     )
     client, server = await _sockets(h)
-    assert _opts(client) == (1, 17, 3, 4, 2500)
-    assert _opts(server) == (1, 17, 3, 4, 2500)
+    assert tcp_options_of(client) == (1, 17, 3, 4, 2500)
+    assert tcp_options_of(server) == (1, 17, 3, 4, 2500)
 
 
 async def test_defaults_on_client_and_server_sockets(wire_factory: WireFactory) -> None:
     h = await wire_factory(pool_mode="transaction", server_pool_size=1)
     client, server = await _sockets(h)
-    assert _opts(client) == (1, 60, 10, 6, 0)
-    assert _opts(server) == (1, 60, 10, 6, 0)
+    assert tcp_options_of(client) == (1, 60, 10, 6, 0)
+    assert tcp_options_of(server) == (1, 60, 10, 6, 0)
 
 
 async def test_keepalive_off_still_sets_the_user_timeout(wire_factory: WireFactory) -> None:
@@ -363,6 +354,6 @@ async def test_http_door_upstream_connections_get_the_options(
             assert await conn.fetchval("SELECT 1") == 1
             sock = _sock(conn._transport)
             assert sock.getpeername()[1] == UpstreamTarget.from_dsn(demo_dsn).port
-            assert _opts(sock) == (1, 23, 5, 3, 4100)
+            assert tcp_options_of(sock) == (1, 23, 5, 3, 4100)
     finally:
         await runtime.close()

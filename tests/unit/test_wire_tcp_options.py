@@ -10,6 +10,7 @@ import pytest
 from sqlproxy.config.loader import ConfigError, parse_config
 from sqlproxy.config.models import WireConfig
 from sqlproxy.tcp import TcpOptions
+from tests.tcp_checks import tcp_options_of
 
 
 def test_defaults_turn_keepalive_on_with_production_timings() -> None:
@@ -53,17 +54,6 @@ def _pair() -> tuple[socket.socket, socket.socket, socket.socket]:
     return lst, a, b
 
 
-def _read(s: socket.socket) -> tuple[int, int, int, int, int]:
-    t = socket.IPPROTO_TCP
-    return (
-        s.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
-        s.getsockopt(t, socket.TCP_KEEPIDLE),
-        s.getsockopt(t, socket.TCP_KEEPINTVL),
-        s.getsockopt(t, socket.TCP_KEEPCNT),
-        s.getsockopt(t, socket.TCP_USER_TIMEOUT),
-    )
-
-
 class _Transport:
     """Just enough of a transport for TcpOptions.apply: the real socket."""
 
@@ -77,13 +67,13 @@ class _Transport:
 def test_options_set_on_a_tcp_socket_and_zero_leaves_the_os_default() -> None:
     lst, a, b = _pair()
     try:
-        before = _read(b)
+        before = tcp_options_of(b)
         TcpOptions(True, 17, 3, 4, 2500).apply(_Transport(a))  # type: ignore[arg-type]
-        assert _read(a) == (1, 17, 3, 4, 2500)
+        assert tcp_options_of(a) == (1, 17, 3, 4, 2500)
         TcpOptions(True, 0, 0, 0, 0).apply(_Transport(b))  # type: ignore[arg-type]
-        assert _read(b) == (1, *before[1:])
+        assert tcp_options_of(b) == (1, *before[1:])
         TcpOptions(False, 17, 3, 4, 0).apply(_Transport(a))  # type: ignore[arg-type]
-        assert _read(a)[0] == 0
+        assert tcp_options_of(a)[0] == 0
     finally:
         for s in (a, b, lst):
             s.close()
