@@ -1,12 +1,12 @@
 """Writing the SQLite store and the JSONL files from a child process.
 
-With those writes in a worker thread of the proxy, the thread and the event loop hand the
-interpreter lock back and forth all through every batch (sqlite3 releases it around each step,
-the file writes and fsyncs release it too). When the proxy shares its cores with PostgreSQL and
-the clients, those hand-offs cost the event loop more CPU than the writes themselves: pgbench
--S through the proxy took 88 us of proxy CPU per transaction with the writes in a thread and 62
-with them skipped. A child process writes the same bytes with the same code (``JsonlSink``,
-``SqliteStore``) and holds nothing the event loop waits for.
+With those writes in a worker thread of the proxy, pgbench -S through the proxy took 88 us of
+proxy CPU per transaction, and 62 with the writes skipped; with the proxy pinned to one core the
+writes cost nothing measurable. So the cost was the thread and the event loop running on two
+cores, most likely handing the interpreter lock back and forth all through every batch (sqlite3
+releases it around each step, the file writes and fsyncs release it too). A child process
+writes the same bytes with the same code (``JsonlSink``, ``SqliteStore``) and holds nothing the
+event loop waits for.
 
 The parent seals records (the chain stays in the proxy) and sends each batch; the child writes
 it to each target in order and answers how many targets succeeded. Frames on the child's stdin
