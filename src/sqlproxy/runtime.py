@@ -8,7 +8,7 @@ import asyncio
 import logging
 import os
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,8 @@ from sqlproxy.audit.configured import store_from_config
 from sqlproxy.audit.record import AuditRecord, Shared, shared_list, shared_strs
 from sqlproxy.audit.sink_process import SinkProcess
 from sqlproxy.audit.sinks import JsonlSink
-from sqlproxy.audit.writer import AuditWriter
+from sqlproxy.audit.writer import AuditQueue, AuditWriter
+from sqlproxy.auth.lockout import Lockout
 from sqlproxy.auth.users import UserDirectory
 from sqlproxy.classify.classifier import Classifier
 from sqlproxy.config.loader import ConfigHolder
@@ -59,12 +60,19 @@ class Services:
     classifier: Classifier
 
 
-def build_services(config: ProxyConfig, env: Mapping[str, str], previous: Services | None = None) -> Services:
+def build_services(
+    config: ProxyConfig,
+    env: Mapping[str, str],
+    previous: Services | None = None,
+    new_lockout: Callable[[ProxyConfig], Lockout | None] | None = None,
+) -> Services:
     # Lockout state survives a reload when its settings did not change: a reload must not be a
     # way to reset an attacker's failure count.
     lockout = None
     if previous is not None and previous.config.auth == config.auth:
         lockout = previous.users.lockout
+    elif new_lockout is not None:
+        lockout = new_lockout(config)
     return Services(
         config=config,
         users=UserDirectory(config, env, lockout=lockout),
@@ -74,14 +82,20 @@ def build_services(config: ProxyConfig, env: Mapping[str, str], previous: Servic
 
 
 class Runtime:
-    def __init__(self, holder: ConfigHolder, env: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        holder: ConfigHolder,
+        env: Mapping[str, str] | None = None,
+        *,
+        audit_queue: AuditQueue | None = None,
+    ) -> None:
         self.config = holder
         self.env: Mapping[str, str] = env if env is not None else os.environ
         cfg = holder.current
         self.state_dir = Path(cfg.server.state_dir)
         self.metrics = Metrics()
         self.analysis_cache = AnalysisCache(maxsize=20_000)
-        self._services = build_services(cfg, self.env)
+        self._services = build_services(cfg, self.env, new_lockout=self._new_lockout)
         self.upstreams: dict[str, Upstream] = {
             n: Upstream(n, d, TcpOptions.from_config(cfg.wire)) for n, d in cfg.databases.items()
         }
@@ -89,7 +103,10 @@ class Runtime:
         self.rate_limiter = RateLimiter(cfg.rate_limits, cfg.distributed_rate_limiting)
         self.rate_limiter.register_metrics(self.metrics.registry)
         holder.on_change(self._on_config_change)
-        self.audit = self._make_audit_writer(cfg)
+        # A wire worker process hands its records to the proxy's writer (audit_queue) and has
+        # no writer, chain key or store of its own.
+        self._writer = self._make_audit_writer(cfg) if audit_queue is None else None
+        self.audit_queue: AuditQueue = audit_queue if audit_queue is not None else self.audit
         self.mask_salt = self._load_mask_salt()
         self.pipeline = Pipeline(self._stages())
         self.plans = Plans(self)
@@ -101,8 +118,18 @@ class Runtime:
         self._audit_parts: IdMemo[Analysis, _AuditParts] = IdMemo(_AUDIT_PARTS_MAX)
         self._audit_roles: dict[frozenset[str], Shared] = {}
 
+    def _new_lockout(self, config: ProxyConfig) -> Lockout | None:
+        """The lockout table for a new user directory; None: the directory makes its own."""
+        return None
+
     def _stages(self) -> list[Stage]:
         return standard_stages(self)  # type: ignore[return-value]
+
+    @property
+    def audit(self) -> AuditWriter:
+        if self._writer is None:
+            raise RuntimeError("this process forwards its audit records and has no audit writer")
+        return self._writer
 
     # -- services -------------------------------------------------------------------------------
     @property
@@ -122,7 +149,8 @@ class Runtime:
         return self._services.classifier
 
     def _on_config_change(self, old: ProxyConfig, new: ProxyConfig) -> None:
-        services = build_services(new, self.env, self._services)  # raises on a bad config: no swap
+        # raises on a bad config: no swap
+        services = build_services(new, self.env, self._services, self._new_lockout)
         self._services = services
         self.rate_limiter.apply(new.rate_limits, new.distributed_rate_limiting)
         for name, db in new.databases.items():
@@ -256,8 +284,8 @@ class Runtime:
     async def audit_request(self, req: Request) -> None:
         """Queue the audit record of ``req`` (waiting only while the audit queue is full)."""
         record = self.audit_record(req)
-        if not self.audit.try_enqueue(record):
-            await self.audit.enqueue(record)
+        if not self.audit_queue.try_enqueue(record):
+            await self.audit_queue.enqueue(record)
 
     def audit_record(self, req: Request) -> AuditRecord:
         """The audit record of ``req`` as it stands."""

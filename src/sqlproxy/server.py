@@ -17,6 +17,7 @@ from sqlproxy.config.loader import ConfigError, ConfigHolder
 from sqlproxy.http.app import create_app
 from sqlproxy.runtime import Runtime
 from sqlproxy.wire.listener import WireServer
+from sqlproxy.wire.workers import WireWorkers
 
 log = logging.getLogger("sqlproxy")
 
@@ -32,7 +33,7 @@ def build_app(
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await runtime.start()
-        wire = WireServer(runtime) if holder.current.wire.enabled else None
+        wire = wire_door(runtime, env)
         if wire is not None:
             await wire.start()
         if own_process:
@@ -59,6 +60,16 @@ def build_app(
 
     app.router.lifespan_context = lifespan
     return app
+
+
+def wire_door(runtime: Runtime, env: Mapping[str, str] | None = None) -> WireServer | WireWorkers | None:
+    """The wire door the configuration asks for: none, in this process, or worker processes."""
+    wire = runtime.config.current.wire
+    if not wire.enabled:
+        return None
+    if wire.workers > 1:
+        return WireWorkers(runtime, wire.workers, env)
+    return WireServer(runtime)
 
 
 def uvicorn_config(app: FastAPI, holder: ConfigHolder, log_level: str = "info") -> uvicorn.Config:

@@ -17,6 +17,7 @@ import contextlib
 import logging
 from collections import deque
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 from sqlproxy.audit.chain import Chain, ChainState
 from sqlproxy.audit.record import AuditRecord, escaped_record
@@ -26,6 +27,15 @@ from sqlproxy.audit.sinks import AuditStore, CatchUpSink, Sink, thread_writer
 log = logging.getLogger(__name__)
 
 Listener = Callable[[Sequence[AuditRecord]], None]
+
+
+class AuditQueue(Protocol):
+    """Where the doors hand their audit records: the writer itself, or in a wire worker process
+    the forwarder that passes them to the proxy's writer (sqlproxy.wire.worker)."""
+
+    def try_enqueue(self, record: AuditRecord) -> bool: ...
+
+    async def enqueue(self, record: AuditRecord) -> None: ...
 
 
 class AuditWriter:

@@ -43,6 +43,9 @@ class Lockout:
         self._locked_until: OrderedDict[str, float] = OrderedDict()
         # The HTTP door may authenticate from a thread pool; the tables must not tear.
         self._mutex = threading.Lock()
+        # Told of every lock this table decides (key, seconds): the wire door's worker
+        # processes must lock the key too.
+        self.on_lock: Callable[[str, float], None] | None = None
 
     def locked(self, key: str) -> bool:
         """Whether ``key`` is locked now."""
@@ -65,6 +68,12 @@ class Lockout:
 
     def record_failure(self, key: str) -> bool:
         """Count one failure for ``key``; return True when this failure locks it."""
+        locked = self._record_failure(key)
+        if locked and self.on_lock is not None:
+            self.on_lock(key, self.duration_s)
+        return locked
+
+    def _record_failure(self, key: str) -> bool:
         now = self._clock()
         with self._mutex:
             times = self._failures.get(key)
@@ -83,6 +92,19 @@ class Lockout:
             self._locked_until.move_to_end(key)
             self._evict_locks(now)
             return True
+
+    def lock_for(self, key: str, seconds: float) -> None:
+        """Lock ``key`` for ``seconds`` from now (a lock another process of the proxy decided);
+        a longer running lock is kept."""
+        now = self._clock()
+        with self._mutex:
+            until = now + seconds
+            if self._locked_until.get(key, 0.0) >= until:
+                return
+            self._failures.pop(key, None)
+            self._locked_until[key] = until
+            self._locked_until.move_to_end(key)
+            self._evict_locks(now)
 
     def reset(self, key: str) -> None:
         """Forget failures for ``key`` (after a success). A running lock is not lifted."""

@@ -72,6 +72,13 @@ class WireConfig(Strict):
     # As PostgreSQL's authentication_timeout: a client that has not finished TLS, startup and
     # authentication within this many seconds is disconnected, giving its slot back.
     startup_timeout_s: Annotated[float, Field(gt=0, le=600)] = 60.0
+    # Processes serving wire clients. 1: the proxy's own process serves them. N > 1: N worker
+    # processes share the port (SO_REUSEPORT: the kernel spreads new connections over them),
+    # so the wire door uses more than one CPU; this process keeps the HTTP door and seals every
+    # worker's audit records into the one chain. Each worker has its own server connections
+    # (server_pool_size or pool_max per database, per worker) and, without distributed rate
+    # limiting, 1/N of every rate limit. Not changed by a reload.
+    workers: Annotated[int, Field(ge=1, le=64)] = 1
     # Server connections per database for wire clients; None uses the database's pool_max.
     server_pool_size: Annotated[int, Field(ge=1, le=10000)] | None = None
     # TCP keepalive and user timeout (PgBouncer's settings of the same names) on every TCP

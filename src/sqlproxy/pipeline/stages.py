@@ -73,8 +73,8 @@ async def audit(rt: Runtime, req: Request) -> None:
     always: no task, no await); else wait for room, shielded so that cancellation (the client
     gone) still leaves it."""
     record = rt.audit_record(req)
-    if not rt.audit.try_enqueue(record):
-        await asyncio.shield(rt.audit.enqueue(record))
+    if not rt.audit_queue.try_enqueue(record):
+        await asyncio.shield(rt.audit_queue.enqueue(record))
 
 
 class MetricsStage:

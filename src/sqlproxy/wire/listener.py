@@ -13,7 +13,8 @@ import os
 import secrets
 import socket
 import ssl
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any
 
 from sqlproxy.config.loader import ConfigError, ConfigProblem
@@ -67,6 +68,27 @@ async def _peek(sock: socket.socket) -> bytes:
             loop.remove_reader(sock.fileno())
 
 
+# Worker processes (``[wire] workers``): the low bits of the process id the proxy gives a
+# client (BackendKeyData) name the worker serving it, so that a CancelRequest, which the kernel
+# may hand to any worker, can be passed to the right one.
+WORKER_BITS = 6
+MAX_WORKERS = 1 << WORKER_BITS
+
+
+def worker_of(pid: int) -> int:
+    return pid & (MAX_WORKERS - 1)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSlot:
+    """This process is worker ``index`` of ``count``; ``forward_cancel`` passes a CancelRequest
+    for another worker's client on (through the proxy's process)."""
+
+    index: int
+    count: int
+    forward_cancel: Callable[[int, bytes], None]
+
+
 class WireServer:
     def __init__(
         self,
@@ -75,8 +97,10 @@ class WireServer:
         host: str | None = None,
         port: int | None = None,
         config: WireConfig | None = None,
+        worker: WorkerSlot | None = None,
     ) -> None:
         self.runtime = runtime
+        self.worker = worker
         self.config: WireConfig = config if config is not None else runtime.config.current.wire
         self.host = host if host is not None else self.config.host
         self.port = port if port is not None else self.config.port
@@ -128,7 +152,12 @@ class WireServer:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: WireSession(self), self.host, self.port, reuse_address=True, backlog=1024
+            lambda: WireSession(self),
+            self.host,
+            self.port,
+            reuse_address=True,
+            reuse_port=self.worker is not None,
+            backlog=1024,
         )
         log.info("wire door listening on %s:%s", self.host, self.bound_port)
 
@@ -198,7 +227,11 @@ class WireServer:
 
     def register(self, session: WireSession) -> tuple[int, bytes]:
         while True:
-            pid = secrets.randbelow(2**31 - 1) + 1
+            if self.worker is None:
+                pid = secrets.randbelow(2**31 - 1) + 1
+            else:
+                high = secrets.randbelow(2 ** (31 - WORKER_BITS) - 1) + 1
+                pid = (high << WORKER_BITS) | self.worker.index
             if pid not in self._by_pid:
                 break
         self._by_pid[pid] = session
@@ -232,6 +265,10 @@ class WireServer:
 
     # -- cancel ------------------------------------------------------------------------------
     async def cancel(self, pid: int, secret: bytes) -> None:
+        w = self.worker
+        if w is not None and worker_of(pid) != w.index and worker_of(pid) < w.count:
+            w.forward_cancel(pid, secret)
+            return
         session = self._by_pid.get(pid)
         if session is None:
             # Same work either way: a caller must not learn which keys are live.

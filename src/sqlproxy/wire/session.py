@@ -763,8 +763,8 @@ class WireSession(asyncio.Protocol, PumpOwner):
             req = audits.popleft()
             record = rt.audit_record(req)
             rt.metrics.observe_request(req)
-            if not rt.audit.try_enqueue(record):
-                await asyncio.shield(rt.audit.enqueue(record))
+            if not rt.audit_queue.try_enqueue(record):
+                await asyncio.shield(rt.audit_queue.enqueue(record))
 
     # -- the message loop ---------------------------------------------------------------------
     async def _serve(self) -> None:
