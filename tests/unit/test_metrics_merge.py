@@ -12,7 +12,12 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
+from sqlproxy.metrics import Metrics
 from sqlproxy.metrics_merge import Families, families_from, merge, snapshot
+from sqlproxy.pipeline.errors import Denied
+from sqlproxy.pipeline.request import Request
+from sqlproxy.ratelimit import RateLimitConfig, RateLimiter
+from sqlproxy.ratelimit.config import DistributedRateLimitConfig
 
 BUCKETS = (0.01, 0.1, 1.0)
 
@@ -237,3 +242,96 @@ def test_custom_collector_samples_survive_the_snapshot() -> None:
     r = CollectorRegistry()
     r.register(_C())
     assert families_from(snapshot(r)) == list(r.collect())
+
+
+# The project's Metrics.
+
+
+def _request(door: str, denied: bool = False) -> Request:
+    req = Request(door=door, sql="SELECT 1", source_ip="127.0.0.1")
+    req.stage_seconds = {"analyze": 0.00003, "execute": 0.0002}
+    if denied:
+        req.error = Denied("no", rule="r")
+    return req
+
+
+def test_render_without_sources_is_the_registry_exposition() -> None:
+    m = Metrics()
+    m.observe_request(_request("wire"))
+    m.upstream_up.labels("main").set(1)
+    text = m.render()
+    assert text == generate_latest(m.registry)
+    m.update_source("w1", Metrics().snapshot())
+    m.forget_source("w1")
+    assert m.render() == generate_latest(m.registry)
+    m.forget_source("never there")
+
+
+def test_metrics_merges_worker_snapshots() -> None:
+    primary, w1, w2 = Metrics(), Metrics(), Metrics()
+    for _ in range(3):
+        primary.observe_request(_request("http"))
+    for _ in range(5):
+        w1.observe_request(_request("wire"))
+    w1.observe_request(_request("wire", denied=True))
+    for _ in range(2):
+        w2.observe_request(_request("wire"))
+    primary.upstream_up.labels("main").set(0)
+    w1.upstream_up.labels("main").set(1)
+    w2.upstream_up.labels("main").set(1)
+    primary.pool_size.labels("main", "open").set(2)
+    w1.pool_size.labels("main", "open").set(3)
+    w2.pool_size.labels("main", "open").set(4)
+
+    # snapshot() adds the buffered observations first (none of these reached _FLUSH_EVERY).
+    primary.update_source(1, w1.snapshot())
+    primary.update_source(2, w2.snapshot())
+    text = primary.render()
+    fams = _parse(text)
+    types = _type_lines(text)
+    assert len(types) == len(set(types))
+    assert set(types) == set(_type_lines(generate_latest(primary.registry)))
+
+    req = "sqlproxy_requests"
+    assert _value(fams, req, req + "_total", door="http", decision="allow") == 3
+    assert _value(fams, req, req + "_total", door="wire", decision="allow") == 7
+    assert _value(fams, req, req + "_total", door="wire", decision="deny") == 1
+    lat = "sqlproxy_request_seconds"
+    assert _value(fams, lat, lat + "_count", door="wire") == 8
+    assert _value(fams, lat, lat + "_bucket", door="wire", le="+Inf") == 8
+    stage = "sqlproxy_stage_seconds"
+    assert _value(fams, stage, stage + "_count", stage="analyze") == 11
+    assert _value(fams, stage, stage + "_sum", stage="execute") == pytest.approx(11 * 0.0002)
+    assert _value(fams, "sqlproxy_upstream_up", "sqlproxy_upstream_up", database="main") == 1
+    pool = "sqlproxy_pool_connections"
+    assert _value(fams, pool, pool, database="main", state="open") == 9
+
+    # A worker's newer snapshot replaces its older one; a forgotten worker no longer counts.
+    w2.observe_request(_request("wire"))
+    primary.update_source(2, w2.snapshot())
+    fams = _parse(primary.render())
+    assert _value(fams, req, req + "_total", door="wire", decision="allow") == 8
+    primary.forget_source(1)
+    fams = _parse(primary.render())
+    assert _value(fams, req, req + "_total", door="wire", decision="allow") == 3
+    assert not [s for s in fams[req].samples if s.labels.get("decision") == "deny"]
+    assert _value(fams, pool, pool, database="main", state="open") == 6
+    primary.forget_source(2)
+    assert primary.render() == generate_latest(primary.registry)
+
+
+def test_other_collectors_on_the_registry_are_merged_too() -> None:
+    # The rate limiter registers a collector on the same registry (runtime.py).
+    primary, w1, w2 = Metrics(), Metrics(), Metrics()
+    for i, m in enumerate((primary, w1, w2)):
+        rl = RateLimiter(RateLimitConfig.model_validate({}), DistributedRateLimitConfig())
+        rl.admitted = 10 * (i + 1)
+        rl.register_metrics(m.registry)
+    primary.update_source("a", w1.snapshot())
+    primary.update_source("b", w2.snapshot())
+    text = primary.render()
+    fams = _parse(text)
+    dec = "sqlproxy_ratelimit_decisions"
+    assert _value(fams, dec, dec + "_total", level="all", result="admitted") == 60
+    types = _type_lines(text)
+    assert len(types) == len(set(types))
