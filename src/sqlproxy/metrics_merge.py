@@ -56,8 +56,9 @@ def snapshot(registry: Collector) -> bytes:
 
     prometheus_client's ``Metric`` and ``Sample`` do pickle, but plain tuples with the repeated
     strings shared (sample name suffixes, label names and values, which pickle then writes once)
-    take half the bytes and load about three times faster. About 0.5 ms for the proxy's registry
-    after some traffic (12 families, ~140 samples, ~5 KB), most of it ``registry.collect()``.
+    take half the bytes and load about three times faster. Measured for the proxy's registry after
+    some traffic (12 families, ~140 samples, ~5 KB) on a shared 2-core machine: 0.5 to 0.85 ms,
+    most of it ``registry.collect()``; decoding it about 0.1 ms.
     """
     strings: dict[str, str] = {}
     share = strings.setdefault
