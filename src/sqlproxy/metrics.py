@@ -1,13 +1,21 @@
 """Prometheus metrics. One registry per runtime (not the global one) so that several proxies in
-one test process do not collide."""
+one test process do not collide.
+
+In multi-process mode each worker's ``Metrics.snapshot()`` is sent to the primary, whose
+``update_source`` keeps the latest one per worker; the primary's ``render()`` then shows its own
+registry and the workers' combined (sqlproxy/metrics_merge.py says how)."""
 
 from __future__ import annotations
 
 import math
 from bisect import bisect_left
+from collections.abc import Collection, Hashable
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
+
+from sqlproxy.metrics_merge import Families, families_from, merge, snapshot
 
 if TYPE_CHECKING:
     from sqlproxy.pipeline.request import Request
@@ -15,9 +23,16 @@ if TYPE_CHECKING:
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _STAGE_BUCKETS = (0.00001, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1, 5)
 
+# Gauges combined across processes with max, not summed: readiness flags (1 when any process sees
+# the upstream, or Redis, up) and a count every process sees the same.
+MAX_GAUGES = frozenset({"sqlproxy_upstream_up", "sqlproxy_ratelimit_redis_up", "sqlproxy_ratelimit_nodes"})
+
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, max_gauges: Collection[str] = MAX_GAUGES) -> None:
+        self.max_gauges = frozenset(max_gauges)
+        # The latest families each other process (worker) sent, by the key it was given.
+        self._sources: dict[Hashable, list[Metric]] = {}
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -110,9 +125,28 @@ class Metrics:
                 child = self._stage[stage] = self.stage.labels(stage)
             _observe_many(child, values)
 
+    def snapshot(self) -> bytes:
+        """This registry's families, buffered observations included, for another process's
+        ``update_source``."""
+        self.flush()
+        return snapshot(self.registry)
+
+    def update_source(self, key: Hashable, data: bytes) -> None:
+        """Keep ``data`` (a ``snapshot()`` from another process) as ``key``'s contribution to
+        ``render()``, replacing the one before. Decoded here, so a bad snapshot raises to the
+        caller instead of in every scrape."""
+        self._sources[key] = families_from(data)
+
+    def forget_source(self, key: Hashable) -> None:
+        """Drop ``key``'s contribution (nothing if there is none)."""
+        self._sources.pop(key, None)
+
     def render(self) -> bytes:
         self.flush()
-        return generate_latest(self.registry)
+        sources = list(self._sources.values())
+        if not sources:
+            return generate_latest(self.registry)
+        return generate_latest(Families(merge([self.registry.collect(), *sources], self.max_gauges)))
 
 
 _FLUSH_EVERY = 256
