@@ -33,6 +33,8 @@ class Metrics:
         self.max_gauges = frozenset(max_gauges)
         # The latest families each other process (worker) sent, by the key it was given.
         self._sources: dict[Hashable, list[Metric]] = {}
+        # What processes that ended had counted (retire_source).
+        self._retired: list[Metric] = []
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -74,6 +76,11 @@ class Metrics:
             "Wire door server connections that went away without the proxy closing them "
             "(closed by the server, or a dead peer found by TCP keepalive or user timeout)",
             ["database"],
+            registry=r,
+        )
+        self.wire_worker_restarts = Counter(
+            "sqlproxy_wire_worker_restarts",
+            "Wire worker processes started again after one exited unasked ([wire] workers > 1)",
             registry=r,
         )
         self.upstream_up = Gauge(
@@ -141,15 +148,25 @@ class Metrics:
         """Drop ``key``'s contribution (nothing if there is none)."""
         self._sources.pop(key, None)
 
+    def retire_source(self, key: Hashable) -> None:
+        """``key``'s process has ended: its counters, histograms and summaries stay in the totals
+        (a counter that went down would read as a reset), its gauges go."""
+        families = self._sources.pop(key, None)
+        if families is None:
+            return
+        kept = [f for f in families if f.type in _CUMULATIVE]
+        self._retired = merge([self._retired, kept], self.max_gauges)
+
     def render(self) -> bytes:
         self.flush()
-        sources = list(self._sources.values())
+        sources = [self._retired, *self._sources.values()] if self._retired else list(self._sources.values())
         if not sources:
             return generate_latest(self.registry)
         return generate_latest(Families(merge([self.registry.collect(), *sources], self.max_gauges)))
 
 
 _FLUSH_EVERY = 256
+_CUMULATIVE = frozenset({"counter", "histogram", "summary"})
 
 
 def _observe_many(child: Histogram, values: list[float]) -> None:

@@ -180,6 +180,16 @@ class Runtime:
             # Pool.close waits for connections in use to come back, so in-flight requests finish.
             asyncio.get_running_loop().create_task(up.close())
 
+    def refresh_gauges(self) -> None:
+        """Set the gauges read from state (pools, analysis cache) before a scrape or snapshot."""
+        m = self.metrics
+        for name, up in self.upstreams.items():
+            st = up.pool_stats()
+            m.pool_size.labels(name, "open").set(st["size"])
+            m.pool_size.labels(name, "idle").set(st["idle"])
+        m.cache_hits.set(self.analysis_cache.hits)
+        m.cache_misses.set(self.analysis_cache.misses)
+
     def rewrite_directives(self, decision: Decision) -> dict[TableName, RelationRewrite]:
         out: dict[TableName, RelationRewrite] = {}
         masks: dict[TableName, dict[str, MaskKind]] = {}

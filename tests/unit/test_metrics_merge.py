@@ -335,3 +335,24 @@ def test_other_collectors_on_the_registry_are_merged_too() -> None:
     assert _value(fams, dec, dec + "_total", level="all", result="admitted") == 60
     types = _type_lines(text)
     assert len(types) == len(set(types))
+
+
+def test_a_retired_worker_keeps_its_counts_and_loses_its_gauges() -> None:
+    primary, w1 = Metrics(), Metrics()
+    for _ in range(4):
+        w1.observe_request(_request("wire"))
+    w1.pool_size.labels("main", "open").set(3)
+    primary.update_source(1, w1.snapshot())
+    primary.retire_source(1)
+    primary.retire_source(1)  # once only: nothing left to retire
+    # The worker's replacement starts counting from zero: the totals go on from 4.
+    again = Metrics()
+    again.observe_request(_request("wire"))
+    primary.update_source(1, again.snapshot())
+    fams = _parse(primary.render())
+    req = "sqlproxy_requests"
+    assert _value(fams, req, req + "_total", door="wire", decision="allow") == 5
+    lat = "sqlproxy_request_seconds"
+    assert _value(fams, lat, lat + "_count", door="wire") == 5
+    pool = "sqlproxy_pool_connections"
+    assert not [s for s in fams[pool].samples if s.labels.get("state") == "open"]

@@ -378,15 +378,10 @@ def create_app(runtime: Runtime) -> FastAPI:
     @app.get("/metrics", summary="Prometheus metrics")
     async def metrics() -> Response:
         m = runtime.metrics
-        for name, up in runtime.upstreams.items():
-            st = up.pool_stats()
-            m.pool_size.labels(name, "open").set(st["size"])
-            m.pool_size.labels(name, "idle").set(st["idle"])
+        runtime.refresh_gauges()
         m.audit_queue.set(runtime.audit.queue_depth)
         m.audit_written.set(runtime.audit.written)
         m.audit_failures.set(runtime.audit.failures)
-        m.cache_hits.set(runtime.analysis_cache.hits)
-        m.cache_misses.set(runtime.analysis_cache.misses)
         return Response(m.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     from sqlproxy.http.stream_routes import install_stream_routes

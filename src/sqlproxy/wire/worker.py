@@ -123,9 +123,8 @@ class WorkerRuntime(Runtime):
 async def _metrics_loop(rt: WorkerRuntime) -> None:
     while True:
         await asyncio.sleep(METRICS_EVERY_S)
-        snapshot = getattr(rt.metrics, "snapshot", None)
-        if snapshot is not None:
-            rt.channel.send(("metrics", snapshot()))
+        rt.refresh_gauges()
+        rt.channel.send(("metrics", rt.metrics.snapshot()))
 
 
 async def run(fd: int, index: int, count: int) -> int:
@@ -192,6 +191,8 @@ async def run(fd: int, index: int, count: int) -> int:
     metrics.cancel()
     await wire.stop(grace)
     await rt.close()
+    rt.refresh_gauges()
+    channel.send(("metrics", rt.metrics.snapshot()))  # the last of this worker's counts
     receiver.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await receiver

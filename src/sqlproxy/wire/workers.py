@@ -61,6 +61,7 @@ class WireWorkers:
         self.workers: dict[int, _Worker] = {}
         self.stopping = False
         self.restarts = 0
+        self.cancels_routed = 0
         self._restarting: set[asyncio.Task[None]] = set()
         self._listening = False
 
@@ -169,17 +170,13 @@ class WireWorkers:
                 elif kind == "cancel":
                     self._route_cancel(w, msg[1], msg[2])
                 elif kind == "metrics":
-                    update = getattr(rt.metrics, "update_source", None)
-                    if update is not None:
-                        update(("wire-worker", w.index), msg[1])
+                    rt.metrics.update_source(("wire-worker", w.index), msg[1])
                 else:
                     log.warning("wire worker %d sent an unknown message %r", w.index, kind)
         except ChannelClosed:
             pass
         finally:
-            forget = getattr(rt.metrics, "forget_source", None)
-            if forget is not None:
-                forget(("wire-worker", w.index))
+            rt.metrics.retire_source(("wire-worker", w.index))
         code = await w.process.wait()
         if self.stopping:
             return
@@ -195,6 +192,7 @@ class WireWorkers:
             try:
                 self.workers[index] = await self._spawn(index)
                 self.restarts += 1
+                self.runtime.metrics.wire_worker_restarts.inc()
                 return
             except (WorkerStartError, OSError) as e:
                 log.error("%s; trying again in %.1f s", e, delay)
@@ -219,6 +217,7 @@ class WireWorkers:
         target = self.workers.get(worker_of(pid))
         if target is None or target is sender:
             return  # no such worker: a CancelRequest for no one, ignored as PostgreSQL does
+        self.cancels_routed += 1
         target.channel.send(("cancel", pid, secret))
 
     def _on_config_change(self, old: ProxyConfig, new: ProxyConfig) -> None:
@@ -234,5 +233,6 @@ class WireWorkers:
         return {
             "workers": self.count,
             "restarts": self.restarts,
+            "cancels_routed": self.cancels_routed,
             "pids": {w.index: w.pid for w in self.workers.values()},
         }

@@ -1,0 +1,380 @@
+"""The wire door on worker processes ([wire] workers = 2): real worker processes sharing a port
+with SO_REUSEPORT, real clients (psycopg, pgbench), one audit chain sealed by the proxy's
+process, lockout and reloads that reach every worker, cancels routed between workers, a killed
+worker replaced."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import pytest_asyncio
+
+from sqlproxy.config.loader import ConfigHolder, load_config
+from sqlproxy.config.models import PolicyRule, ProxyConfig
+from sqlproxy.demo.launcher import write_demo_config
+from sqlproxy.runtime import Runtime
+from sqlproxy.wire.listener import worker_of
+from sqlproxy.wire.workers import WireWorkers
+from tests.audit_checks import verify_trail
+
+
+@dataclass
+class Workers:
+    runtime: Runtime
+    door: WireWorkers
+    state: Path
+    passwords: dict[str, str]
+
+    def dsn(self, user: str = "analyst", *, password: str | None = None, **extra: str) -> str:
+        parts = {
+            "host": "127.0.0.1",
+            "port": str(self.door.bound_port),
+            "dbname": "demo",
+            "user": user,
+            "password": self.passwords[user] if password is None else password,
+            "sslmode": "disable",
+            "connect_timeout": "10",
+            **extra,
+        }
+        return " ".join(f"{k}='{v}'" for k, v in parts.items())
+
+    def env(self, user: str) -> dict[str, str]:
+        return {
+            "PGHOST": "127.0.0.1",
+            "PGPORT": str(self.door.bound_port),
+            "PGUSER": user,
+            "PGPASSWORD": self.passwords[user],
+            "PGDATABASE": "demo",
+            "PGSSLMODE": "disable",
+        }
+
+    async def connect(self, user: str = "analyst", **kw: Any) -> psycopg.AsyncConnection[Any]:
+        return await psycopg.AsyncConnection.connect(self.dsn(user), autocommit=True, **kw)
+
+    def audit_lines(self) -> list[dict[str, Any]]:
+        files = sorted((self.state / "audit").glob("audit.jsonl*"))
+        return [json.loads(line) for f in files for line in f.read_text().splitlines() if line]
+
+    async def audited(self, marker: str, expected: int) -> list[dict[str, Any]]:
+        """The audit records whose SQL holds ``marker``, once ``expected`` of them are written
+        (or after 20 s)."""
+        found: list[dict[str, Any]] = []
+
+        async def written() -> bool:
+            nonlocal found
+            await self.runtime.audit.flush()
+            found = [r for r in self.audit_lines() if marker in (r.get("sql") or "")]
+            return len(found) >= expected
+
+        await poll(written, 20)
+        return found
+
+
+async def poll(check: Callable[[], Awaitable[bool]], seconds: float) -> bool:
+    """Whether ``check`` came true within ``seconds`` (asked every 0.1 s): workers report
+    metrics once a second and a replaced worker takes a moment to start."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while not await check():
+        if loop.time() > deadline:
+            return False
+        await asyncio.sleep(0.1)
+    return True
+
+
+WorkersFactory = Callable[..., Awaitable[Workers]]
+
+
+async def _start(
+    tmp: Path, demo_dsn: str, keys: dict[str, str], passwords: dict[str, str], **wire: Any
+) -> Workers:
+    state = tmp
+    path = write_demo_config(state, demo_dsn, 0, keys, passwords)
+    cfg = load_config(path)
+    cfg = cfg.model_copy(
+        update={"wire": cfg.wire.model_copy(update={"host": "127.0.0.1", "port": 0, "workers": 2, **wire})}
+    )
+    runtime = Runtime(ConfigHolder(cfg, path), env={})
+    await runtime.start()
+    door = WireWorkers(runtime, cfg.wire.workers, env={})
+    try:
+        await door.start()
+    except BaseException:
+        await runtime.close()
+        raise
+    return Workers(runtime, door, state, passwords)
+
+
+async def _stop(w: Workers) -> None:
+    await w.door.stop(1)
+    await w.runtime.close()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def workers(
+    demo_dsn: str,
+    tmp_path_factory: pytest.TempPathFactory,
+    demo_keys: dict[str, str],
+    demo_passwords: dict[str, str],
+) -> AsyncIterator[Workers]:
+    state = tmp_path_factory.mktemp("workers")
+    w = await _start(state, demo_dsn, demo_keys, demo_passwords, server_pool_size=4)
+    yield w
+    await _stop(w)
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def workers_factory(
+    demo_dsn: str,
+    tmp_path_factory: pytest.TempPathFactory,
+    demo_keys: dict[str, str],
+    demo_passwords: dict[str, str],
+) -> AsyncIterator[WorkersFactory]:
+    made: list[Workers] = []
+
+    async def make(**wire: Any) -> Workers:
+        w = await _start(tmp_path_factory.mktemp("workers-f"), demo_dsn, demo_keys, demo_passwords, **wire)
+        made.append(w)
+        return w
+
+    yield make
+    for w in made:
+        await _stop(w)
+
+
+async def _spread(w: Workers, n: int = 16) -> list[psycopg.AsyncConnection[Any]]:
+    """``n`` connections, with at least one on each worker (the kernel picks; 16 connections all
+    on one of two workers would happen once in 2**15 runs)."""
+    conns = [await w.connect() for _ in range(n)]
+    assert {worker_of(c.info.backend_pid) for c in conns} == set(range(w.door.count))
+    return conns
+
+
+async def test_every_worker_serves_the_pipeline_and_audits_into_one_chain(workers: Workers) -> None:
+    conns = await _spread(workers)
+    try:
+        for i, conn in enumerate(conns):
+            cur = await conn.execute(f"SELECT id, email FROM customers /* spread-{i} */ ORDER BY id LIMIT 1")
+            (row,) = await cur.fetchall()
+            assert "***@" in row[1]  # masked for the analyst, by whichever worker
+            with pytest.raises(psycopg.errors.InsufficientPrivilege) as ei:
+                await conn.execute(f"SELECT name, salary FROM employees /* spread-{i} */")
+            assert "analyst-no-employees" in str(ei.value)
+    finally:
+        for c in conns:
+            await c.close()
+    records = await workers.audited("/* spread-", 32)
+    assert len(records) == 32
+    assert sorted(r["decision"] for r in records) == ["allow"] * 16 + ["deny"] * 16
+    assert {r["door"] for r in records} == {"wire"} and {r["user"] for r in records} == {"analyst"}
+    await workers.runtime.audit.flush()
+    head = workers.runtime.audit.head
+    key = bytes.fromhex((workers.state / "audit" / "chain.key").read_text().strip())
+    await verify_trail(
+        workers.state / "audit" / "audit.db", workers.state / "audit" / "audit.jsonl", key, head.seq
+    )
+
+
+def _wire_requests(w: Workers) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    total = 0.0
+    for fam in text_string_to_metric_families(w.runtime.metrics.render().decode()):
+        if fam.name == "sqlproxy_requests":
+            total += sum(s.value for s in fam.samples if s.labels.get("door") == "wire")
+    return total
+
+
+async def test_metrics_count_what_the_workers_served(workers: Workers) -> None:
+    before = _wire_requests(workers)
+    conns = await _spread(workers, 8)
+    try:
+        for c in conns:
+            for _ in range(5):
+                await c.execute("SELECT count(*) FROM orders")
+    finally:
+        for c in conns:
+            await c.close()
+
+    async def counted() -> bool:
+        return _wire_requests(workers) >= before + 40
+
+    assert await poll(counted, 10)
+
+
+async def test_a_cancel_reaches_a_client_of_another_worker(workers: Workers) -> None:
+    # The kernel hands the CancelRequest's connection to either worker: repeat until one went to
+    # the other worker and was passed on (each try has an even chance).
+    routed = workers.door.cancels_routed
+    for _ in range(40):
+        conn = await workers.connect("developer")
+        try:
+            query = asyncio.create_task(conn.execute("SELECT count(*) FROM generate_series(1, 400000000)"))
+            await asyncio.sleep(0.3)
+            conn.cancel()  # psycopg sends the CancelRequest on a new connection
+            with pytest.raises(psycopg.errors.QueryCanceled):
+                await asyncio.wait_for(query, 20)
+            cur = await conn.execute("SELECT 1")
+            assert await cur.fetchone() == (1,)
+        finally:
+            await conn.close()
+        if workers.door.cancels_routed > routed:
+            break
+    assert workers.door.cancels_routed > routed
+
+
+async def test_a_reload_reaches_every_worker(workers: Workers) -> None:
+    holder = workers.runtime.config
+    old = holder.current
+    block = PolicyRule(name="reload-blocks-customers", users=["analyst"], table="customers", action="block")
+    new = old.model_copy(update={"policies": (*old.policies, block)})
+    holder.replace(new)
+    try:
+        conns = await _spread(workers)
+        try:
+            for conn in conns:
+                with pytest.raises(psycopg.errors.InsufficientPrivilege) as ei:
+                    await conn.execute("SELECT id FROM customers LIMIT 1")
+                assert "reload-blocks-customers" in str(ei.value)
+        finally:
+            for c in conns:
+                await c.close()
+    finally:
+        holder.replace(old)
+    conns = await _spread(workers)
+    try:
+        for conn in conns:
+            await conn.execute("SELECT id FROM customers LIMIT 1")
+    finally:
+        for c in conns:
+            await c.close()
+
+
+async def test_pgbench_through_the_workers(workers: Workers) -> None:
+    pgbench = shutil.which("pgbench") or "/usr/lib/postgresql/15/bin/pgbench"
+    script = "\\set aid random(1, 10)\nSELECT id, total FROM orders /* pgbench-w */ WHERE id = :aid;\n"
+    with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as f:
+        f.write(script)
+    try:
+        for mode in ("simple", "extended", "prepared"):
+            proc = await asyncio.create_subprocess_exec(
+                pgbench,
+                "-n",
+                "-c",
+                "8",
+                "-j",
+                "2",
+                "-t",
+                "50",
+                "-M",
+                mode,
+                "-f",
+                f.name,
+                env={**os.environ, **workers.env("admin")},
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+            out, err = await proc.communicate()
+            assert proc.returncode == 0, err.decode()
+            assert "number of transactions actually processed: 400/400" in out.decode()
+    finally:
+        os.unlink(f.name)
+    # Prepared mode parses once per connection: 400 executions each mode, one record each.
+    records = await workers.audited("/* pgbench-w */", 1200)
+    assert len(records) == 1200
+
+
+async def test_garbage_is_refused_and_the_workers_go_on(workers: Workers) -> None:
+    for payload in (b"\x00\x00\x00\x08\x12\x34\x56\x78", b"GET / HTTP/1.1\r\n\r\n", b"\xff" * 64):
+        for _ in range(4):
+            reader, writer = await asyncio.open_connection("127.0.0.1", workers.door.bound_port)
+            writer.write(payload)
+            await writer.drain()
+            data = await asyncio.wait_for(reader.read(), 10)  # the worker answers and closes
+            assert data == b"" or data[:1] == b"E"
+            writer.close()
+    conns = await _spread(workers)
+    for c in conns:
+        await c.close()
+    assert all(w.process.returncode is None for w in workers.door.workers.values())
+
+
+async def test_a_killed_worker_is_replaced_and_the_other_goes_on(workers: Workers) -> None:
+    conns = await _spread(workers)
+    victim = workers.door.workers[1]
+    survivors = [c for c in conns if worker_of(c.info.backend_pid) == 0]
+    try:
+        os.kill(victim.pid, signal.SIGKILL)
+
+        async def replaced() -> bool:
+            return workers.door.workers[1] is not victim
+
+        assert await poll(replaced, 30) and workers.door.restarts >= 1
+        for c in survivors:  # clients of the other worker never noticed
+            cur = await c.execute("SELECT count(*) FROM orders")
+            assert (await cur.fetchone()) is not None
+    finally:
+        for c in conns:
+            await c.close()
+    again = await _spread(workers)  # the new worker takes clients on the same port
+    for c in again:
+        await c.close()
+
+
+async def test_lockout_counts_failures_over_all_workers(workers_factory: WorkersFactory) -> None:
+    w = await workers_factory()
+    threshold = w.runtime.config.current.auth.lockout_threshold
+    # One failure per connection: the kernel spreads them, and no worker alone sees `threshold`
+    # of them (unless all land on one, which only makes the lock local, and the next check
+    # still needs it on every worker).
+    for _ in range(threshold):
+        with pytest.raises(psycopg.OperationalError):
+            await psycopg.AsyncConnection.connect(w.dsn("developer", password="wrong"))
+    # The proxy's process counted all of them and told every worker: the right password is
+    # refused now, whichever worker takes the connection.
+    for _ in range(12):
+        with pytest.raises(psycopg.OperationalError) as ei:
+            await psycopg.AsyncConnection.connect(w.dsn("developer"))
+        assert "password authentication failed" in str(ei.value)
+    lockout = w.runtime.users.lockout
+    assert lockout.locked("user:developer") and lockout.locked("ip:127.0.0.1")
+
+
+async def test_stop_writes_every_record_and_the_chain_verifies(workers_factory: WorkersFactory) -> None:
+    w = await workers_factory()
+    conns = await _spread(w, 8)
+    for i, c in enumerate(conns):
+        for j in range(25):
+            await c.execute(f"SELECT id FROM customers /* last-{i}-{j} */ LIMIT 1")
+    await _stop(w)
+    for c in conns:
+        await c.close()
+    assert all(x.process.returncode is not None for x in w.door.workers.values())
+    assert len([r for r in w.audit_lines() if "/* last-" in (r.get("sql") or "")]) == 200
+    key = bytes.fromhex((w.state / "audit" / "chain.key").read_text().strip())
+    store = w.state / "audit" / "audit.db"
+    await verify_trail(store, w.state / "audit" / "audit.jsonl", key, len(w.audit_lines()))
+
+
+def test_workers_setting_is_checked(tmp_path: Path) -> None:
+    from sqlproxy.config.loader import ConfigError
+
+    base = ProxyConfig.model_validate({"databases": {"d": {"dsn": "postgresql://x@127.0.0.1/d"}}})
+    assert base.wire.workers == 1
+    for bad in (0, 65):
+        p = tmp_path / "c.toml"
+        p.write_text(f'[databases.d]\ndsn = "postgresql://x@127.0.0.1/d"\n[wire]\nworkers = {bad}\n')
+        with pytest.raises(ConfigError) as ei:
+            load_config(p)
+        assert "wire.workers" in str(ei.value)
