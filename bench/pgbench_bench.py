@@ -13,7 +13,9 @@ One run starts everything it measures, each a separate process on a free loopbac
 - two `sqlproxy serve` processes with the full pipeline (SCRAM login, rate limiting with
   limits high enough not to bite, pglast analysis, policy: `bench` may read and write
   pgbench_* and nothing else, audit to JSONL + SQLite), one in transaction pool mode and one in
-  session pool mode, server_pool_size = --pool-size.
+  session pool mode, server_pool_size = --pool-size;
+- a third in transaction mode with `[wire] workers = --workers` (default: one per CPU), the
+  pool size split between the workers so that it holds as many server connections as the others.
 
 Then `pgbench -S -c CLIENTS -j 2 -T SECONDS` in the simple, extended and prepared protocols
 against each target, interleaved, for --rounds rounds, and one TPC-B run (pgbench's default
@@ -24,7 +26,8 @@ Prints TPS per target and mode, the ratios sqlproxy / PgBouncer and sqlproxy / d
 bare forwarder's, for scale), the
 failed-transaction counts pgbench reported, the machine load, and the number of audit records
 sqlproxy wrote (so the figures are for the full pipeline, audit included). For PgBouncer and
-sqlproxy it also prints the CPU time their process used per transaction (from /proc): on a busy
+sqlproxy it also prints the CPU time their process used per transaction (from /proc; for
+sqlproxy with every process below it: its audit writer and its wire workers): on a busy
 machine TPS moves with everyone else's load, CPU per transaction much less.
 
     .venv/bin/python bench/pgbench_bench.py --seconds 10 --rounds 2 --clients 16
@@ -91,10 +94,29 @@ class Result:
         return self.cpu_s * 1e6 / self.transactions
 
 
+def _stat(pid: int) -> list[str] | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return None
+
+
 def process_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process, all its threads."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU seconds of a process (all its threads) and of every process below it:
+    sqlproxy's audit writer process and its wire worker processes count as sqlproxy."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (st := _stat(int(entry.name))) is not None:
+            parents.setdefault(int(st[1]), []).append(int(entry.name))
+    total = 0.0
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        st = _stat(p)
+        if st is not None:
+            total += int(st[11]) + int(st[12])
+        todo.extend(parents.get(p, []))
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def main_thread_cpu_s(pid: int) -> float:
@@ -279,6 +301,7 @@ host = "127.0.0.1"
 port = {wire_port}
 pool_mode = "{pool_mode}"
 server_pool_size = {pool_size}
+workers = {workers}
 
 [databases.{db}]
 dsn = "{dsn}"
@@ -354,6 +377,7 @@ def start_sqlproxy(
     pool_size: int,
     *,
     tables: str = "pgbench_*",
+    workers: int = 1,
 ) -> Proxy:
     """A `sqlproxy serve` process with the full pipeline; `bench` may read and write the tables
     matching ``tables`` (a policy pattern) in the public schema and nothing else."""
@@ -369,6 +393,7 @@ def start_sqlproxy(
             wire_port=port,
             pool_mode=pool_mode,
             pool_size=pool_size,
+            workers=workers,
             dsn=dsn,
             user=BENCH_USER,
             verifier=make_verifier(password),
@@ -513,6 +538,13 @@ def main() -> int:
     ap.add_argument("--pool-size", type=int, default=16, help="server connections per pool (16)")
     ap.add_argument("--scale", type=int, default=10, help="pgbench -i -s (default 10)")
     ap.add_argument("--no-tpcb", action="store_true", help="skip the TPC-B runs")
+    ap.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="also measure sqlproxy with [wire] workers = N in transaction mode, the pool size "
+        "split between them (default: the number of CPUs; below 2: not measured)",
+    )
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
     ap.add_argument(
         "--pin",
@@ -565,6 +597,16 @@ def main() -> int:
                 pin_process(p.proc.pid, proxy_cpus)
             proxies.append(p)
             procs.append((p.proc, name))
+        multi: Target | None = None
+        if args.workers > 1 and proxy_cpus is None:
+            name = f"sqlproxy-w{args.workers}"
+            per_worker = max(1, args.pool_size // args.workers)
+            p = start_sqlproxy(tmp, name, upstream, password, "transaction", per_worker, workers=args.workers)
+            proxies.append(p)
+            procs.append((p.proc, name))
+            multi = Target(
+                name, f"sqlproxy ({args.workers} workers, transaction)", p.port, BENCH_DB, p.proc.pid
+            )
 
         direct = Target("direct", "direct PostgreSQL", pg.port, BENCH_DB)
         pgb_tx = Target("pgbouncer-tx", "PgBouncer (transaction)", bouncer_port, "bench_tx", bouncer.pid)
@@ -578,10 +620,11 @@ def main() -> int:
             "sqlproxy-session", "sqlproxy (session)", proxies[1].port, BENCH_DB, proxies[1].proc.pid
         )
         fwd = Target("python-fwd", "bare Python forwarder (1:1)", forwarder_port, BENCH_DB, forwarder.pid)
+        extra = (multi,) if multi is not None else ()
         plan: dict[str, tuple[Target, ...]] = {
-            "simple": (direct, pgb_tx, fwd, sp_tx),
-            "extended": (direct, pgb_tx, fwd, sp_tx),
-            "prepared": (direct, pgb_ses, fwd, sp_tx, sp_ses),
+            "simple": (direct, pgb_tx, fwd, sp_tx, *extra),
+            "extended": (direct, pgb_tx, fwd, sp_tx, *extra),
+            "prepared": (direct, pgb_ses, fwd, sp_tx, sp_ses, *extra),
         }
         print(
             f"\npgbench -S -c {args.clients} -j 2 -T {args.seconds}, {args.rounds} round(s), "
@@ -606,7 +649,7 @@ def main() -> int:
                     )
         if not args.no_tpcb:
             print(f"\nTPC-B (pgbench default script) -c {args.tpcb_clients} -j 2 -T {args.seconds}")
-            for target in (direct, pgb_tx, sp_tx):
+            for target in (direct, pgb_tx, sp_tx, *extra):
                 results.append(
                     run_pgbench(
                         pgbench,
@@ -685,6 +728,13 @@ def report(
         ("prepared", "sqlproxy-tx", "pgbouncer-session"),
         ("prepared", "sqlproxy-session", "pgbouncer-session"),
         ("tpcb-simple", "sqlproxy-tx", "pgbouncer-tx"),
+    )
+    w = f"sqlproxy-w{args.workers}"
+    pairs += (
+        ("simple", w, "pgbouncer-tx"),
+        ("extended", w, "pgbouncer-tx"),
+        ("prepared", w, "pgbouncer-session"),
+        ("tpcb-simple", w, "pgbouncer-tx"),
     )
     for mode, sp, pgb in pairs:
         if (mode, sp) not in by:
