@@ -9,6 +9,7 @@ import hashlib
 import hmac
 import json
 import math
+import pickle
 from typing import Any
 
 import pytest
@@ -151,6 +152,23 @@ def test_built_record_equals_new_and_seals_to_the_same_bytes(i: int, text: str) 
     assert s_fast.jsonl_line() == s_generic.jsonl_line()
     assert s_fast.store_row() == s_generic.store_row()
     assert_generic_bytes(s_fast, PREV)
+
+
+@pytest.mark.parametrize(("i", "text"), cases())
+def test_a_pickled_record_seals_to_the_same_bytes(i: int, text: str) -> None:
+    # Wire worker processes pickle their records to the proxy's process, which seals them.
+    a = args(i, text)
+    fast = built(a, id="i" * 32, ts="2024-01-02T03:04:05.000006Z")
+    again = pickle.loads(pickle.dumps(fast, protocol=pickle.HIGHEST_PROTOCOL))  # noqa: S301
+    assert again == fast and again._shared == fast._shared and again._json is None
+    s_fast = Chain(KEY, ChainState(7, PREV)).append(fast)
+    s_again = Chain(KEY, ChainState(7, PREV)).append(again, in_place=True)
+    assert s_again.hash == s_fast.hash and s_again.jsonl_line() == s_fast.jsonl_line()
+    assert s_again.store_row() == s_fast.store_row()
+    # A sealed record keeps its chain fields and its encoded text.
+    sealed = pickle.loads(pickle.dumps(s_fast))  # noqa: S301
+    assert (sealed.seq, sealed.prev_hash, sealed.hash) == (8, PREV, s_fast.hash)
+    assert sealed.jsonl_line() == s_fast.jsonl_line()
 
 
 def test_built_record_defaults_id_and_ts_and_copies_what_it_must() -> None:
