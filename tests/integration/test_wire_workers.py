@@ -310,6 +310,42 @@ async def test_garbage_is_refused_and_the_workers_go_on(workers: Workers) -> Non
     assert all(w.process.returncode is None for w in workers.door.workers.values())
 
 
+async def test_copy_out_through_the_workers_is_masked_and_audited(workers: Workers) -> None:
+    conns = await _spread(workers, 6)
+    try:
+        for i, conn in enumerate(conns):
+            out = bytearray()
+            async with conn.cursor().copy(
+                f"COPY (SELECT id, email FROM customers /* copy-w{i} */ ORDER BY id) TO STDOUT"
+            ) as cp:
+                async for chunk in cp:
+                    out += chunk
+            lines = bytes(out).decode().splitlines()
+            assert lines and all("***@" in line for line in lines)
+    finally:
+        for c in conns:
+            await c.close()
+    records = await workers.audited("/* copy-w", 6)
+    assert len(records) == 6 and all(r["extra"]["copy"]["direction"] == "out" for r in records)
+
+
+async def test_a_worker_cut_off_from_the_proxy_stops(workers: Workers) -> None:
+    # As when the proxy's process is killed: the worker must not keep the port and its server
+    # connections. It stops as if told to, and (here, the proxy being alive) is replaced.
+    old = workers.door.workers[0]
+    old.channel.close()
+    code = await asyncio.wait_for(old.process.wait(), 30)
+    assert code == 0
+
+    async def replaced() -> bool:
+        return workers.door.workers[0] is not old
+
+    assert await poll(replaced, 30)
+    conns = await _spread(workers)
+    for c in conns:
+        await c.close()
+
+
 async def test_a_killed_worker_is_replaced_and_the_other_goes_on(workers: Workers) -> None:
     conns = await _spread(workers)
     victim = workers.door.workers[1]
