@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import signal
 import socket
@@ -14,6 +13,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from sqlproxy.config.loader import ConfigError, ConfigHolder
+from sqlproxy.gctune import tune_gc
 from sqlproxy.http.app import create_app
 from sqlproxy.runtime import Runtime
 from sqlproxy.wire.listener import WireServer
@@ -37,7 +37,7 @@ def build_app(
         if wire is not None:
             await wire.start()
         if own_process:
-            _tune_gc()
+            tune_gc()
         loop = asyncio.get_running_loop()
 
         def on_hup() -> None:
@@ -86,20 +86,6 @@ def uvicorn_config(app: FastAPI, holder: ConfigHolder, log_level: str = "info") 
         ssl_certfile=srv.tls_cert,
         ssl_keyfile=srv.tls_key,
     )
-
-
-def _tune_gc() -> None:
-    """Every statement allocates a few hundred short-lived objects, so the youngest generation
-    fills every few statements; what startup built (configuration, catalog, caches) lives as
-    long as the process. Those are moved out of the collector's sight, and the young
-    generation may grow larger before it is collected: collections run less often and each
-    walks fewer objects. Reference cycles are still collected."""
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(_GC_YOUNG, 20, 20)
-
-
-_GC_YOUNG = 20_000
 
 
 class ProxyServer(uvicorn.Server):
