@@ -174,6 +174,12 @@ class Runtime:
         self._close_retired_soon()
         return cfg
 
+    def replace_config(self, new: ProxyConfig) -> None:
+        """Apply a configuration checked elsewhere (a wire worker gets its reloads from the
+        proxy's process); raises and keeps the running one if it cannot be applied."""
+        self.config.replace(new)
+        self._close_retired_soon()
+
     def _close_retired_soon(self) -> None:
         retired, self._retired = self._retired, []
         for up in retired:

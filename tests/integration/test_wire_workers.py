@@ -154,10 +154,15 @@ async def workers_factory(
 
 
 async def _spread(w: Workers, n: int = 16) -> list[psycopg.AsyncConnection[Any]]:
-    """``n`` connections, with at least one on each worker (the kernel picks; 16 connections all
-    on one of two workers would happen once in 2**15 runs)."""
-    conns = [await w.connect() for _ in range(n)]
-    assert {worker_of(c.info.backend_pid) for c in conns} == set(range(w.door.count))
+    """At least ``n`` connections, with at least one on each worker. The kernel picks the worker
+    by a hash of the connection's addresses and ports: more connections are opened until every
+    worker has one (64 in a row on one of two workers would happen once in 2**63 runs)."""
+    conns: list[psycopg.AsyncConnection[Any]] = []
+    seen: set[int] = set()
+    while len(conns) < n or (len(seen) < w.door.count and len(conns) < 64):
+        conns.append(await w.connect())
+        seen.add(worker_of(conns[-1].info.backend_pid))
+    assert seen == set(range(w.door.count))
     return conns
 
 
@@ -174,9 +179,10 @@ async def test_every_worker_serves_the_pipeline_and_audits_into_one_chain(worker
     finally:
         for c in conns:
             await c.close()
-    records = await workers.audited("/* spread-", 32)
-    assert len(records) == 32
-    assert sorted(r["decision"] for r in records) == ["allow"] * 16 + ["deny"] * 16
+    n = len(conns)
+    records = await workers.audited("/* spread-", 2 * n)
+    assert len(records) == 2 * n
+    assert sorted(r["decision"] for r in records) == ["allow"] * n + ["deny"] * n
     assert {r["door"] for r in records} == {"wire"} and {r["user"] for r in records} == {"analyst"}
     await workers.runtime.audit.flush()
     head = workers.runtime.audit.head
@@ -208,7 +214,7 @@ async def test_metrics_count_what_the_workers_served(workers: Workers) -> None:
             await c.close()
 
     async def counted() -> bool:
-        return _wire_requests(workers) >= before + 40
+        return _wire_requests(workers) >= before + 5 * len(conns)
 
     assert await poll(counted, 10)
 
@@ -325,8 +331,8 @@ async def test_copy_out_through_the_workers_is_masked_and_audited(workers: Worke
     finally:
         for c in conns:
             await c.close()
-    records = await workers.audited("/* copy-w", 6)
-    assert len(records) == 6 and all(r["extra"]["copy"]["direction"] == "out" for r in records)
+    records = await workers.audited("/* copy-w", len(conns))
+    assert len(records) == len(conns) and all(r["extra"]["copy"]["direction"] == "out" for r in records)
 
 
 async def test_a_worker_cut_off_from_the_proxy_stops(workers: Workers) -> None:
@@ -397,10 +403,46 @@ async def test_stop_writes_every_record_and_the_chain_verifies(workers_factory: 
     for c in conns:
         await c.close()
     assert all(x.process.returncode is not None for x in w.door.workers.values())
-    assert len([r for r in w.audit_lines() if "/* last-" in (r.get("sql") or "")]) == 200
+    assert len([r for r in w.audit_lines() if "/* last-" in (r.get("sql") or "")]) == 25 * len(conns)
     key = bytes.fromhex((w.state / "audit" / "chain.key").read_text().strip())
     store = w.state / "audit" / "audit.db"
     await verify_trail(store, w.state / "audit" / "audit.jsonl", key, len(w.audit_lines()))
+
+
+async def test_a_port_taken_by_another_program_fails_the_start_cleanly(
+    workers_factory: WorkersFactory,
+) -> None:
+    import socket
+
+    from sqlproxy.wire.workers import WorkerStartError
+
+    before = _my_worker_processes()  # the module's own workers
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))  # no SO_REUSEPORT: the workers cannot join it
+    taken.listen()
+    try:
+        with pytest.raises(WorkerStartError) as ei:
+            await workers_factory(port=taken.getsockname()[1])
+        assert "could not start" in str(ei.value) and "in use" in str(ei.value)
+    finally:
+        taken.close()
+    assert _my_worker_processes() == before  # the first worker exited, the second never started
+
+
+def _my_worker_processes() -> list[int]:
+    """Worker processes (not yet reaped included) whose parent is this test process."""
+    found = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes()
+            ppid = int((d / "stat").read_text().rpartition(")")[2].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if b"sqlproxy.wire.worker" in cmd and ppid == os.getpid():
+            found.append(int(d.name))
+    return found
 
 
 def test_workers_setting_is_checked(tmp_path: Path) -> None:

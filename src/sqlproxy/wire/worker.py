@@ -185,7 +185,7 @@ async def run(fd: int, index: int, count: int) -> int:
             kind = msg[0]
             if kind == "config":
                 try:
-                    holder.replace(msg[1])
+                    rt.replace_config(msg[1])
                 except Exception:
                     log.exception("worker %d: configuration refused", index)
             elif kind == "lock":

@@ -93,6 +93,8 @@ class WireWorkers:
 
     async def _spawn(self, index: int) -> _Worker:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        proc: asyncio.subprocess.Process | None = None
+        channel: Channel | None = None
         try:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable,
@@ -105,21 +107,30 @@ class WireWorkers:
                 env=self._env,
                 stdin=asyncio.subprocess.DEVNULL,
             )
+            channel = await Channel.open(parent)
+            channel.send(("start", self.runtime.config.current, self.port))
+            try:
+                msg = await asyncio.wait_for(channel.recv(), START_TIMEOUT_S)
+            except (TimeoutError, ChannelClosed) as e:
+                raise WorkerStartError(f"wire worker {index} did not start") from e
+            if msg[0] != "ready":
+                raise WorkerStartError(
+                    f"wire worker {index} could not start: {msg[1] if len(msg) > 1 else msg}"
+                )
+        except BaseException:
+            # Never leave a half-started worker behind (a failure, a timeout, or a stop
+            # cancelling a restart).
+            if channel is not None:
+                channel.close()
+            else:
+                parent.close()
+            if proc is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await asyncio.shield(proc.wait())
+            raise
         finally:
             child.close()
-        channel = await Channel.open(parent)
-        channel.send(("start", self.runtime.config.current, self.port))
-        try:
-            msg = await asyncio.wait_for(channel.recv(), START_TIMEOUT_S)
-        except (TimeoutError, ChannelClosed) as e:
-            proc.kill()
-            await proc.wait()
-            channel.close()
-            raise WorkerStartError(f"wire worker {index} did not start (exit code {proc.returncode})") from e
-        if msg[0] != "ready":
-            channel.close()
-            await proc.wait()
-            raise WorkerStartError(f"wire worker {index} could not start: {msg[1] if len(msg) > 1 else msg}")
         self.port = int(msg[1])
         w = _Worker(index=index, process=proc, channel=channel, pid=int(msg[2]))
         w.task = asyncio.get_running_loop().create_task(self._serve(w), name=f"wire-worker-{index}")
