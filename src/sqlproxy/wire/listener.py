@@ -14,6 +14,7 @@ import secrets
 import socket
 import ssl
 from collections.abc import Coroutine
+from pathlib import Path
 from typing import Any
 
 from sqlproxy.config.loader import ConfigError, ConfigProblem
@@ -43,6 +44,32 @@ def _load_mock_secret(runtime: Runtime) -> bytes:
     with os.fdopen(fd, "w") as f:
         f.write(secret.hex())
     return secret
+
+
+def _load_crls(ctx: ssl.SSLContext, path: Path) -> None:
+    """Add the CRLs of ``path`` (PEM) to the context's store and check client certificates
+    against them: a revoked one then fails the handshake as one of an unknown CA does. Only
+    the client's certificate is looked up (VERIFY_CRL_CHECK_LEAF), and OpenSSL then wants a
+    valid CRL of its issuer: a certificate whose CA has none here, or only one past its next
+    update, fails too. A file that adds certificates is refused: they would become trusted
+    client CAs, and those belong in client_ca_file."""
+
+    def problem(reason: str) -> ConfigError:
+        return ConfigError(
+            "<config>", [ConfigProblem("wire.client_crl_file", f"cannot load {path}: {reason}")]
+        )
+
+    before = ctx.cert_store_stats()
+    try:
+        ctx.load_verify_locations(cafile=str(path))
+    except (OSError, ssl.SSLError) as e:
+        raise problem(str(e)) from None
+    after = ctx.cert_store_stats()
+    if after["x509"] != before["x509"]:
+        raise problem("it holds certificates; only CRLs (BEGIN X509 CRL) belong in it")
+    if after["crl"] == before["crl"]:
+        raise problem("no CRL in it")
+    ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
 
 
 def _set_done(fut: asyncio.Future[None]) -> None:
@@ -116,6 +143,8 @@ class WireServer:
                 raise ConfigError(
                     "<config>", [ConfigProblem("wire.client_ca_file", f"cannot load {path}: {e}")]
                 ) from None
+            if c.client_crl_file is not None:
+                _load_crls(ctx, self.runtime._state_path(c.client_crl_file))
             ctx.verify_mode = ssl.CERT_REQUIRED if c.require_client_cert else ssl.CERT_OPTIONAL
         return ctx
 
