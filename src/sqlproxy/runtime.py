@@ -127,12 +127,15 @@ class Runtime:
         def commit() -> None:
             self._services = services
             self.rate_limiter.apply(new.rate_limits, new.distributed_rate_limiting)
+            tcp = TcpOptions.from_config(new.wire)
             for name, db in new.databases.items():
                 cur = self.upstreams.get(name)
                 if cur is None or cur.config != db:
                     if cur is not None:
                         self._retired.append(cur)
-                    self.upstreams[name] = Upstream(name, db, TcpOptions.from_config(new.wire))
+                    self.upstreams[name] = Upstream(name, db, tcp)
+                else:
+                    cur.tcp = tcp  # for the connections its pool opens from now on
             for name in list(self.upstreams):
                 if name not in new.databases:
                     self._retired.append(self.upstreams.pop(name))

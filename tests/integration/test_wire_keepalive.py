@@ -370,7 +370,8 @@ async def test_http_door_upstream_connections_get_the_options(
     demo_dsn: str, tmp_path: Any, demo_keys: dict[str, str], demo_passwords: dict[str, str]
 ) -> None:
     """The HTTP and WebSocket doors' asyncpg pools get the same keepalive and user timeout as
-    the wire door's server connections."""
+    the wire door's server connections, and a reload's new ones for the connections opened
+    after it."""
     path = write_demo_config(tmp_path, demo_dsn, 8080, demo_keys, demo_passwords)
     cfg = load_config(path)
     wire = cfg.wire.model_copy(
@@ -387,5 +388,14 @@ async def test_http_door_upstream_connections_get_the_options(
             sock = _sock(conn._transport)
             assert sock.getpeername()[1] == UpstreamTarget.from_dsn(demo_dsn).port
             assert tcp_options_of(sock) == (1, 23, 5, 3, 4100)
+        # A reload that changes only tcp_*: the pool stays, and the connections it opens from
+        # then on get the new options.
+        wire = cfg.wire.model_copy(update={"tcp_keepidle_s": 31, "tcp_user_timeout_ms": 0})
+        holder.replace(cfg.model_copy(update={"wire": wire}))
+        await pool.expire_connections()  # each is closed and opened again when next acquired
+        async with pool.acquire() as conn:
+            assert await conn.fetchval("SELECT 1") == 1
+            assert tcp_options_of(_sock(conn._transport)) == (1, 31, 10, 6, 0)
+        assert runtime.upstreams["demo"].pool is pool
     finally:
         await runtime.close()
