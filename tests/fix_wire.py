@@ -5,6 +5,11 @@ Fixtures:
   wire_session  WireHarness for a session-pool-mode listener on the same runtime.
   wire_factory  callable(**WireConfig overrides) -> a started WireHarness, stopped at teardown
                 (function-scoped: for limits and timeouts that need their own listener).
+  wire_following
+                callable(**[wire] settings) -> a started WireHarness whose listener follows
+                the runtime's configuration, as `sqlproxy serve`'s does: the settings go into
+                the runtime's config, and later reloads (reload_wire) reach the listener. The
+                config is put back and the listeners stopped at teardown.
 
 Synchronous clients (psql, pgbench, psycopg's sync API) must run off the event loop, which
 serves the proxy: use `await asyncio.to_thread(...)` or `WireHarness.run(...)`.
@@ -19,6 +24,9 @@ from typing import Any
 
 import pytest_asyncio
 
+from sqlproxy.config.loader import parse_config
+from sqlproxy.config.models import ProxyConfig
+from sqlproxy.runtime import Runtime
 from sqlproxy.wire.listener import WireServer
 from tests.fix_proxy import ProxyHarness
 
@@ -99,6 +107,35 @@ async def wire_factory(proxy: ProxyHarness, demo_passwords: dict[str, str]) -> A
     yield make
     for h in made:
         await h.server.stop(grace_s=1)
+
+
+def reload_wire(runtime: Runtime, **settings: Any) -> ProxyConfig:
+    """A reload of the runtime's configuration with ``settings`` put into its [wire] section,
+    validated as a file would be: ConfigError when the file or a listener refuses it."""
+    cur = runtime.config.current
+    data = {**cur.model_dump(by_alias=True), "wire": {**cur.wire.model_dump(), **settings}}
+    return runtime.config.replace(parse_config(data))
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def wire_following(proxy: ProxyHarness, demo_passwords: dict[str, str]) -> AsyncIterator[WireFactory]:
+    rt = proxy.runtime
+    old = rt.config.current
+    made: list[WireHarness] = []
+
+    async def make(**settings: Any) -> WireHarness:
+        reload_wire(rt, **settings)
+        server = WireServer(rt, host="127.0.0.1", port=0)
+        await server.start()
+        made.append(WireHarness(server, demo_passwords))
+        return made[-1]
+
+    try:
+        yield make
+    finally:
+        for h in made:
+            await h.server.stop(grace_s=1)
+        rt.config.replace(old)
 
 
 async def run_psql(h: WireHarness, script: str, user: str = "analyst", *args: str) -> tuple[int, str, str]:

@@ -1,6 +1,7 @@
 """A throwaway certificate authority and a server certificate for 127.0.0.1 / localhost, made
 with the openssl command, for the tests of the TLS doors; and client certificates (a CN of
-one's choosing, signed by that CA or by the other one) for certificate authentication."""
+one's choosing, signed by that CA or by the other one) for certificate authentication, and
+revocation lists of either CA."""
 
 from __future__ import annotations
 
@@ -21,11 +22,12 @@ class Pki:
         """Verifies the server certificate and its host name against ``ca``."""
         return ssl.create_default_context(cafile=str(self.ca))
 
-    def client_cert(self, cn: str, *, signer: str = "ca") -> tuple[Path, Path]:
+    def client_cert(self, cn: str, *, signer: str = "ca", copy: str = "") -> tuple[Path, Path]:
         """(certificate, key) of a TLS client certificate with subject CN ``cn``, signed by
-        ``signer`` ("ca", which signed the server certificate, or "other-ca"); made once."""
+        ``signer`` ("ca", which signed the server certificate, or "other-ca"); made once.
+        Another ``copy`` name makes another certificate (serial number, key) of the same CN."""
         d = self.ca.parent
-        name = f"client-{signer}-{cn}"
+        name = f"client-{signer}-{cn}" + (f"-{copy}" if copy else "")
         cert, key = d / f"{name}.crt", d / f"{name}.key"
         if not cert.exists():
             _openssl(d, "req", *_EC, "-keyout", key.name, "-out", f"{name}.csr", "-subj", f"/CN={cn}")
@@ -41,6 +43,26 @@ class Pki:
             )  # fmt: skip
             key.chmod(0o600)  # libpq refuses a key that others may read
         return cert, key
+
+    def crl(self, name: str, *revoked: Path, signer: str = "ca") -> Path:
+        """A PEM certificate revocation list of ``signer`` (next update in two days) that
+        revokes the ``revoked`` certificates (which it signed), made by `openssl ca` in a
+        directory of its own; empty when none are given."""
+        d = self.ca.parent / f"crl-{name}"
+        d.mkdir()
+        (d / "index.txt").write_text("")
+        (d / "crlnumber").write_text("01\n")
+        (d / "ca.cnf").write_text(
+            "[ca]\ndefault_ca = test\n"
+            "[test]\ndatabase = index.txt\ncrlnumber = crlnumber\ndefault_md = sha256\n"
+            "default_crl_days = 2\n"
+        )
+        ca = ["-config", "ca.cnf", "-cert", str(self.ca.parent / f"{signer}.crt")]
+        ca += ["-keyfile", str(self.ca.parent / f"{signer}.key")]
+        for cert in revoked:
+            _openssl(d, "ca", *ca, "-revoke", str(cert))
+        _openssl(d, "ca", *ca, "-gencrl", "-out", "crl.pem")
+        return d / "crl.pem"
 
 
 def _openssl(cwd: Path, *args: str) -> None:

@@ -22,7 +22,7 @@ from sqlproxy.audit.writer import AuditQueue, AuditWriter
 from sqlproxy.auth.lockout import Lockout
 from sqlproxy.auth.users import UserDirectory
 from sqlproxy.classify.classifier import Classifier
-from sqlproxy.config.loader import ConfigHolder
+from sqlproxy.config.loader import Commit, ConfigHolder
 from sqlproxy.config.models import MaskKind, ProxyConfig
 from sqlproxy.execute.upstream import Upstream
 from sqlproxy.memo import IdMemo
@@ -148,20 +148,27 @@ class Runtime:
     def classifier(self) -> Classifier:
         return self._services.classifier
 
-    def _on_config_change(self, old: ProxyConfig, new: ProxyConfig) -> None:
+    def _on_config_change(self, old: ProxyConfig, new: ProxyConfig) -> Commit:
         # raises on a bad config: no swap
         services = build_services(new, self.env, self._services, self._new_lockout)
-        self._services = services
-        self.rate_limiter.apply(new.rate_limits, new.distributed_rate_limiting)
-        for name, db in new.databases.items():
-            cur = self.upstreams.get(name)
-            if cur is None or cur.config != db:
-                if cur is not None:
-                    self._retired.append(cur)
-                self.upstreams[name] = Upstream(name, db, TcpOptions.from_config(new.wire))
-        for name in list(self.upstreams):
-            if name not in new.databases:
-                self._retired.append(self.upstreams.pop(name))
+
+        def commit() -> None:
+            self._services = services
+            self.rate_limiter.apply(new.rate_limits, new.distributed_rate_limiting)
+            tcp = TcpOptions.from_config(new.wire)
+            for name, db in new.databases.items():
+                cur = self.upstreams.get(name)
+                if cur is None or cur.config != db:
+                    if cur is not None:
+                        self._retired.append(cur)
+                    self.upstreams[name] = Upstream(name, db, tcp)
+                else:
+                    cur.tcp = tcp  # for the connections its pool opens from now on
+            for name in list(self.upstreams):
+                if name not in new.databases:
+                    self._retired.append(self.upstreams.pop(name))
+
+        return commit
 
     def reload(self) -> ProxyConfig:
         """Re-read the config file; raises ConfigError and keeps the running config if invalid."""

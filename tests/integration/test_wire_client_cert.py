@@ -1,10 +1,13 @@
-"""Client certificates on the wire door: [wire] client_ca_file, require_client_cert and the
-users' wire_auth = "cert" / "cert+password", with psycopg (libpq's sslcert/sslkey), asyncpg and
-a raw client; certificates made by tests/pki.py (signed by the test CA, or by another one)."""
+"""Client certificates on the wire door: [wire] client_ca_file, client_crl_file,
+require_client_cert and the users' wire_auth = "cert" / "cert+password", with psycopg (libpq's
+sslcert/sslkey), asyncpg and a raw client; certificates and revocation lists made by
+tests/pki.py (signed by the test CA, or by another one)."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -41,7 +44,9 @@ class CertDoor:
     pki: Pki
     lockout: Lockout
 
-    def dsn(self, user: str, cert_cn: str | None = None, *, signer: str = "ca", **extra: str) -> str:
+    def dsn(
+        self, user: str, cert_cn: str | None = None, *, signer: str = "ca", copy: str = "", **extra: str
+    ) -> str:
         params = {
             "sslmode": "verify-full",
             "sslrootcert": str(self.pki.ca),
@@ -50,7 +55,7 @@ class CertDoor:
             **extra,
         }
         if cert_cn is not None:
-            cert, key = self.pki.client_cert(cert_cn, signer=signer)
+            cert, key = self.pki.client_cert(cert_cn, signer=signer, copy=copy)
             params |= {"sslcert": str(cert), "sslkey": str(key)}
         else:
             # Not libpq's default ~/.postgresql/postgresql.crt, whatever the machine has.
@@ -264,3 +269,92 @@ async def test_unreadable_client_ca_file_names_the_key(
     for path in (tmp_path / "missing.crt", pki.key):  # absent; not a certificate
         with pytest.raises(ConfigError, match=r"wire\.client_ca_file: cannot load"):
             await wire_factory(tls_cert=str(pki.cert), tls_key=str(pki.key), client_ca_file=str(path))
+
+
+async def _handshake_refused(dsn: str, caplog: pytest.LogCaptureFixture) -> tuple[str, str]:
+    """A client that connects with ``dsn`` fails the TLS handshake: (its error, the proxy's
+    log of it)."""
+    caplog.clear()
+    with (
+        caplog.at_level(logging.INFO, logger="sqlproxy.wire"),
+        pytest.raises(psycopg.OperationalError, match=r"SSL|certificate") as ei,
+    ):
+        await _connect(dsn)
+    return str(ei.value), "\n".join(r.getMessage() for r in caplog.records)
+
+
+async def test_revoked_certificate_fails_the_handshake_like_an_untrusted_one(
+    wire_factory: WireFactory, door: CertDoor, proxy: ProxyHarness, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With client_crl_file, a certificate its CRL revokes ends the TLS handshake exactly as
+    one of an unknown CA does, for any user and either TLS negotiation: the same error for
+    the client, no session, no audit record, no lockout count; the proxy's log says why.
+    Another certificate of the same user, and a password user without one, still log in."""
+    revoked = [door.pki.client_cert(cn, copy="revoked")[0] for cn in ("cert_only", "analyst")]
+    h = await wire_factory(client_crl_file=str(door.pki.crl("leaf", *revoked)))
+    crl_door = CertDoor(h, door.pki, door.lockout)
+    seen = await _unauthenticated(proxy)
+    for negotiation in ("postgres", "direct"):
+        async with await _connect(crl_door.dsn("cert_only", "cert_only", sslnegotiation=negotiation)) as conn:
+            assert await _who(crl_door, conn) == "cert_only"
+        async with await _connect(crl_door.dsn("analyst", sslnegotiation=negotiation)) as conn:
+            assert await _who(crl_door, conn) == "analyst"
+        for user, password in (("cert_only", ""), ("analyst", h.passwords["analyst"])):
+            failures: dict[str, tuple[str, str]] = {}
+            for copy, signer in (("revoked", "ca"), ("", "other-ca")):
+                dsn = crl_door.dsn(
+                    user, user, signer=signer, copy=copy, password=password, sslnegotiation=negotiation
+                )
+                failures[signer] = await _handshake_refused(dsn, caplog)
+            assert failures["ca"][0] == failures["other-ca"][0], failures
+            assert "certificate revoked" in failures["ca"][1], failures
+            assert "certificate revoked" not in failures["other-ca"][1], failures
+    assert h.server.active == 0
+    assert not h.server.sessions
+    assert await _unauthenticated(proxy) == seen
+    assert len(door.lockout) == 0
+
+
+async def test_every_client_ca_needs_a_crl(
+    wire_factory: WireFactory, door: CertDoor, pki: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
+    """OpenSSL checks a client certificate only against a CRL of its own CA: a CA of
+    client_ca_file without one in client_crl_file has its certificates refused. One file may
+    hold the CRLs of several CAs."""
+    both_cas = pki.ca.parent / "both-cas.crt"
+    both_cas.write_text(pki.ca.read_text() + pki.other_ca.read_text())
+    revoked, _ = pki.client_cert("cert_only", signer="other-ca", copy="revoked")
+    ca_crl = pki.crl("of-ca")
+    h = await wire_factory(client_ca_file=str(both_cas), client_crl_file=str(ca_crl))
+    d = CertDoor(h, pki, door.lockout)
+    async with await _connect(d.dsn("cert_only", "cert_only")) as conn:
+        assert await _who(d, conn) == "cert_only"
+    _, log = await _handshake_refused(d.dsn("cert_only", "cert_only", signer="other-ca"), caplog)
+    assert "unable to get certificate CRL" in log
+    both_crls = pki.ca.parent / "both.crl"
+    both_crls.write_text(ca_crl.read_text() + pki.crl("of-other-ca", revoked, signer="other-ca").read_text())
+    h = await wire_factory(client_ca_file=str(both_cas), client_crl_file=str(both_crls))
+    d = CertDoor(h, pki, door.lockout)
+    for signer in ("ca", "other-ca"):
+        async with await _connect(d.dsn("cert_only", "cert_only", signer=signer)) as conn:
+            assert await _who(d, conn) == "cert_only"
+    _, log = await _handshake_refused(
+        d.dsn("cert_only", "cert_only", signer="other-ca", copy="revoked"), caplog
+    )
+    assert "certificate revoked" in log
+
+
+async def test_unloadable_crl_file_names_the_key(
+    wire_factory: WireFactory, door: CertDoor, pki: Pki, tmp_path: Any
+) -> None:
+    empty = tmp_path / "empty.crl"
+    empty.write_text("")
+    for path, reason in (
+        (tmp_path / "missing.crl", "No such file"),
+        (empty, "no certificate or crl found"),
+        (pki.key, "no certificate or crl found"),
+        (pki.other_ca, "it holds certificates"),  # it would have become a trusted client CA
+    ):
+        expected = rf"wire\.client_crl_file: cannot load {re.escape(str(path))}: .*{reason}"
+        with pytest.raises(ConfigError, match=expected):
+            await wire_factory(client_crl_file=str(path))

@@ -32,7 +32,7 @@ from sqlproxy.server import build_app
 from sqlproxy.wire.backend import BackendConnection, UpstreamTarget
 from sqlproxy.wire.listener import WireServer
 from tests.fix_proxy import ProxyHarness
-from tests.fix_wire import WireFactory, WireHarness
+from tests.fix_wire import WireFactory, WireHarness, reload_wire
 from tests.netns import CutPath, Relay, hard_close, require_netns
 from tests.raw_wire import HANG_S, ROBUST_SQL, RawClient, errors, fatal, lock_key, query, session_ended
 from tests.tcp_checks import tcp_options_of
@@ -62,18 +62,24 @@ def _idle_backend(h: WireHarness) -> BackendConnection:
 async def _sockets(h: WireHarness) -> tuple[Any, Any]:
     """The proxy's two sockets for one logged-in client: the client's (checked to be that
     client's by its address) and the server connection's (checked to be PostgreSQL's)."""
+    _, client, server = await _client_and_sockets(h)
+    return client, server
+
+
+async def _client_and_sockets(h: WireHarness) -> tuple[RawClient, Any, Any]:
+    """_sockets, with the client (the session lasts as long as it is open)."""
     raw = await _login(h)
     assert raw.key is not None
     session = h.server._by_pid[raw.key.process_id]
     assert session.transport is not None
     client = _sock(session.transport)
     assert client.getpeername() == raw.writer.get_extra_info("sockname")
-    be = _idle_backend(h)  # transaction mode: the login's server connection is idle again
-    server = _sock(be.transport)
-    assert server.family == socket.AF_INET and server.getpeername()[1] == be.target.port
     raw.send(query("SELECT 1"))
     assert not errors(await raw.until_ready())
-    return client, server
+    be = _idle_backend(h)  # transaction mode: the query's server connection is idle again
+    server = _sock(be.transport)
+    assert server.family == socket.AF_INET and server.getpeername()[1] == be.target.port
+    return raw, client, server
 
 
 async def test_configured_options_on_client_and_server_sockets(wire_factory: WireFactory) -> None:
@@ -105,6 +111,32 @@ async def test_keepalive_off_still_sets_the_user_timeout(wire_factory: WireFacto
     for sock in (client, server):
         assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 0
         assert sock.getsockopt(_T, socket.TCP_USER_TIMEOUT) == 700
+
+
+async def test_reload_sets_new_options_on_new_connections(
+    wire_following: WireFactory, proxy: ProxyHarness
+) -> None:
+    """A reload's tcp_* apply to client connections accepted after it and to server
+    connections opened after it (pools made before it too); connections already open keep
+    what they were given."""
+    h = await wire_following(tcp_keepidle_s=17, tcp_keepintvl_s=3, tcp_keepcnt=4, tcp_user_timeout_ms=2500)
+    raw, old_client, old_server = await _client_and_sockets(h)
+    assert tcp_options_of(old_client) == tcp_options_of(old_server) == (1, 17, 3, 4, 2500)
+    reload_wire(proxy.runtime, tcp_keepidle_s=23, tcp_keepintvl_s=5, tcp_keepcnt=3, tcp_user_timeout_ms=4100)
+    pool = h.server.pools["demo"]
+    for be in list(pool.idle):
+        pool.discard(be)  # so that the next login opens a server connection
+    client, server = await _sockets(h)
+    assert tcp_options_of(client) == tcp_options_of(server) == (1, 23, 5, 3, 4100)
+    assert tcp_options_of(old_client) == (1, 17, 3, 4, 2500)
+    await raw.close()
+    reload_wire(proxy.runtime, tcp_keepalive=False)
+    for be in list(pool.idle):
+        pool.discard(be)
+    client, server = await _sockets(h)
+    for sock in (client, server):
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 0
+        assert sock.getsockopt(_T, socket.TCP_USER_TIMEOUT) == 4100
 
 
 # ------------------------------------------------------------------------------ dead paths
@@ -338,7 +370,8 @@ async def test_http_door_upstream_connections_get_the_options(
     demo_dsn: str, tmp_path: Any, demo_keys: dict[str, str], demo_passwords: dict[str, str]
 ) -> None:
     """The HTTP and WebSocket doors' asyncpg pools get the same keepalive and user timeout as
-    the wire door's server connections."""
+    the wire door's server connections, and a reload's new ones for the connections opened
+    after it."""
     path = write_demo_config(tmp_path, demo_dsn, 8080, demo_keys, demo_passwords)
     cfg = load_config(path)
     wire = cfg.wire.model_copy(
@@ -355,5 +388,14 @@ async def test_http_door_upstream_connections_get_the_options(
             sock = _sock(conn._transport)
             assert sock.getpeername()[1] == UpstreamTarget.from_dsn(demo_dsn).port
             assert tcp_options_of(sock) == (1, 23, 5, 3, 4100)
+        # A reload that changes only tcp_*: the pool stays, and the connections it opens from
+        # then on get the new options.
+        wire = cfg.wire.model_copy(update={"tcp_keepidle_s": 31, "tcp_user_timeout_ms": 0})
+        holder.replace(cfg.model_copy(update={"wire": wire}))
+        await pool.expire_connections()  # each is closed and opened again when next acquired
+        async with pool.acquire() as conn:
+            assert await conn.fetchval("SELECT 1") == 1
+            assert tcp_options_of(_sock(conn._transport)) == (1, 31, 10, 6, 0)
+        assert runtime.upstreams["demo"].pool is pool
     finally:
         await runtime.close()

@@ -2,7 +2,8 @@
 command: psycopg with sslmode=require / verify-full, require_tls, GSSENCRequest, cancel over
 TLS, direct TLS (sslnegotiation=direct, ALPN "postgresql"), and the hostile cases of the
 negotiation (unencrypted bytes after SSLRequest, a broken handshake, direct TLS without ALPN
-or to a listener without TLS, garbage that starts like a TLS record)."""
+or to a listener without TLS, garbage that starts like a TLS record); and reloads: a server
+certificate rotated, files that cannot be loaded, TLS switched on and off."""
 
 from __future__ import annotations
 
@@ -10,12 +11,15 @@ import asyncio
 import logging
 import ssl
 import struct
+import subprocess
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 
+from sqlproxy.config.loader import ConfigError
 from sqlproxy.protocol.messages import (
     CancelRequest,
     ErrorResponse,
@@ -23,7 +27,8 @@ from sqlproxy.protocol.messages import (
     ReadyForQuery,
     StartupMessage,
 )
-from tests.fix_wire import WireHarness
+from tests.fix_proxy import ProxyHarness
+from tests.fix_wire import WireHarness, reload_wire
 from tests.pki import Pki, make_pki
 from tests.raw_wire import HANG_S, ROBUST_SQL, RawClient, errors, fatal, lock_key, query, session_ended
 
@@ -387,3 +392,150 @@ async def test_plaintext_cancel_reaches_a_tls_session(
     (err,) = errors(msgs)
     assert err.sqlstate == "57014"
     await raw.close()
+
+
+# ------------------------------------------------------------------------------ reloads
+
+
+def _verify_full(h: WireHarness, ca: Path, **extra: str) -> str:
+    return h.dsn(
+        "analyst", sslmode="verify-full", sslrootcert=str(ca), host="localhost", hostaddr="127.0.0.1", **extra
+    )
+
+
+def _tls_files(pki: Pki, d: Path) -> tuple[Path, Path]:
+    """A copy of the server certificate and key in ``d``, for a test to replace in place."""
+    cert, key = d / "wire.crt", d / "wire.key"
+    cert.write_bytes(pki.cert.read_bytes())
+    key.write_bytes(pki.key.read_bytes())
+    return cert, key
+
+
+async def test_reload_rotates_the_server_certificate(
+    wire_following: WireFactory, proxy: ProxyHarness, pki: Pki, tmp_path: Path
+) -> None:
+    """A certificate and key replaced in place are read again on a reload: new connections
+    see the new certificate (verify-full against the new CA, on either TLS negotiation),
+    sessions already open keep theirs. Until the reload the old one is served."""
+    cert, key = _tls_files(pki, tmp_path)
+    h = await wire_following(tls_cert=str(cert), tls_key=str(key))
+    async with await _connect(_verify_full(h, pki.ca)) as before:
+        new_d = tmp_path / "new-pki"
+        new_d.mkdir()
+        new_pki = make_pki(new_d)
+        cert.write_bytes(new_pki.cert.read_bytes())
+        key.write_bytes(new_pki.key.read_bytes())
+        async with await _connect(_verify_full(h, pki.ca)) as conn:
+            await _check_encrypted(h, conn)  # not read again until the reload
+        reload_wire(proxy.runtime)
+        for negotiation in ("postgres", "direct"):
+            async with await _connect(_verify_full(h, new_pki.ca, sslnegotiation=negotiation)) as conn:
+                await _check_encrypted(h, conn)
+            with pytest.raises(psycopg.OperationalError, match="certificate verify failed"):
+                await _connect(_verify_full(h, pki.ca, sslnegotiation=negotiation))
+        # The session opened before goes on, with the settings it was accepted with.
+        await _check_encrypted(h, before)
+        session = h.server._by_pid[before.info.backend_pid]
+        assert session.door.ssl_context is not None
+        assert session.door.ssl_context is not h.server.ssl_context
+
+
+def _encrypted_copy(key: Path, d: Path) -> Path:
+    out = d / "encrypted.key"
+    subprocess.run(
+        ["openssl", "pkey", "-in", str(key), "-aes256", "-passout", "pass:secret", "-out", str(out)],
+        check=True,
+        capture_output=True,
+    )
+    return out
+
+
+async def test_reload_with_a_file_that_cannot_be_loaded_is_refused(
+    wire_following: WireFactory, proxy: ProxyHarness, pki: Pki, tmp_path: Path
+) -> None:
+    """A certificate, key, client CA file or CRL file that cannot be loaded refuses the whole
+    reload with a ConfigError naming its key: the configuration, the runtime's services and
+    the listener's TLS context stay as they were, and the old certificate is still served."""
+    cert, key = _tls_files(pki, tmp_path)
+    h = await wire_following(tls_cert=str(cert), tls_key=str(key))
+    rt = proxy.runtime
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("-----BEGIN PRIVATE KEY-----\nbm90IGEga2V5\n-----END PRIVATE KEY-----\n")
+    cases: list[tuple[dict[str, Any], str, str]] = [
+        ({"tls_key": str(garbage)}, "wire.tls_key", "PEM private key of tls_cert"),
+        ({"tls_key": str(tmp_path / "missing.key")}, "wire.tls_key", "No such file"),
+        ({"tls_key": str(pki.ca.parent / "other-ca.key")}, "wire.tls_key", "key values mismatch"),
+        ({"tls_key": str(_encrypted_copy(key, tmp_path))}, "wire.tls_key", "encrypted"),
+        ({"tls_cert": str(tmp_path / "missing.crt")}, "wire.tls_cert", "No such file"),
+        ({"tls_cert": str(key)}, "wire.tls_cert", "no certificate or crl found"),
+        ({"client_ca_file": str(key)}, "wire.client_ca_file", "no certificate or crl found"),
+        ({"client_ca_file": str(garbage)}, "wire.client_ca_file", "PEM lib"),
+        (
+            {"client_ca_file": str(pki.ca), "client_crl_file": str(pki.other_ca)},
+            "wire.client_crl_file",
+            "it holds certificates",
+        ),
+    ]
+    for settings, path, reason in cases:
+        config, services, door, generation = (
+            rt.config.current,
+            rt.services,
+            h.server.door,
+            rt.config.generation,
+        )
+        with pytest.raises(ConfigError) as ei:
+            reload_wire(rt, **settings)
+        assert [p.path for p in ei.value.problems] == [path], settings
+        assert reason in ei.value.problems[0].reason, ei.value.problems
+        assert rt.config.current is config and rt.config.generation == generation
+        assert rt.services is services and h.server.door is door
+    # The key file itself broken in place: refused too, and the old certificate still served.
+    key.write_bytes(garbage.read_bytes())
+    with pytest.raises(ConfigError, match=r"wire\.tls_key: cannot load"):
+        reload_wire(rt)
+    async with await _connect(_verify_full(h, pki.ca)) as conn:
+        await _check_encrypted(h, conn)
+
+
+async def test_tls_switched_on_and_off_by_reload(
+    wire_following: WireFactory, proxy: ProxyHarness, pki: Pki
+) -> None:
+    """TLS switched on by a reload (with require_tls): new connections negotiate it, either
+    way, and plaintext ones are refused; switched off: SSLRequest is answered N and direct TLS
+    closed, as on a listener that never had TLS. Either way sessions already open go on as
+    they started, as PostgreSQL's do when its ssl settings are reloaded."""
+    rt = proxy.runtime
+    h = await wire_following()
+    with pytest.raises(psycopg.OperationalError, match="does not support SSL"):
+        await _connect(h.dsn("analyst", sslmode="require"))
+    async with await _connect(h.dsn("analyst")) as plain:
+        reload_wire(rt, tls_cert=str(pki.cert), tls_key=str(pki.key), require_tls=True)
+        async with await _connect(_verify_full(h, pki.ca)) as tls_conn:
+            await _check_encrypted(h, tls_conn)
+            async with await _connect(_verify_full(h, pki.ca, sslnegotiation="direct")) as conn:
+                await _check_encrypted(h, conn)
+            with pytest.raises(psycopg.OperationalError, match="accepts only TLS"):
+                await _connect(h.dsn("analyst", sslmode="disable"))
+            cur = await plain.execute("SELECT 1")  # opened before: still served, in plaintext
+            assert await cur.fetchone() == (1,)
+            assert not plain.pgconn.ssl_in_use
+            reload_wire(rt, tls_cert=None, tls_key=None, require_tls=False)
+            with pytest.raises(psycopg.OperationalError, match="does not support SSL"):
+                await _connect(h.dsn("analyst", sslmode="require"))
+            with pytest.raises(psycopg.OperationalError):
+                await _connect(h.dsn("analyst", sslmode="require", sslnegotiation="direct"))
+            async with await _connect(h.dsn("analyst", sslmode="prefer")) as conn:
+                assert not conn.pgconn.ssl_in_use
+            await _check_encrypted(h, tls_conn)  # opened before: still over TLS
+
+
+async def test_a_stopped_listener_ignores_reloads(
+    wire_following: WireFactory, proxy: ProxyHarness, pki: Pki, tmp_path: Path
+) -> None:
+    """The holder keeps the listener's registration after it stopped: it neither refuses a
+    reload nor builds anything for one."""
+    h = await wire_following(tls_cert=str(pki.cert), tls_key=str(pki.key))
+    door = h.server.door
+    await h.server.stop(grace_s=1)
+    reload_wire(proxy.runtime, tls_key=str(tmp_path / "missing.key"))
+    assert h.server.door is door

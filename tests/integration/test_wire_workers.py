@@ -445,6 +445,40 @@ def _my_worker_processes() -> list[int]:
     return found
 
 
+async def test_tls_on_every_worker_and_a_broken_reload_reaches_none(
+    workers_factory: WorkersFactory, tmp_path: Path
+) -> None:
+    from sqlproxy.config.loader import ConfigError
+    from tests.pki import make_pki
+
+    pki = make_pki(tmp_path)
+    w = await workers_factory(tls_cert=str(pki.cert), tls_key=str(pki.key), require_tls=True)
+    tls = {"sslmode": "verify-full", "sslrootcert": str(pki.ca), "host": "localhost"}
+    conns: list[psycopg.AsyncConnection[Any]] = []
+    seen: set[int] = set()
+    while len(seen) < 2 and len(conns) < 64:
+        conns.append(await psycopg.AsyncConnection.connect(w.dsn(**tls), autocommit=True))
+        seen.add(worker_of(conns[-1].info.backend_pid))
+    try:
+        assert seen == {0, 1} and all(c.pgconn.ssl_in_use for c in conns)
+        # Checked in the proxy's process, which serves no wire client itself: refused there,
+        # so no worker ever gets it.
+        holder = w.runtime.config
+        broken = holder.current.model_copy(
+            update={"wire": holder.current.wire.model_copy(update={"tls_key": str(tmp_path / "none.key")})}
+        )
+        with pytest.raises(ConfigError) as ei:
+            holder.replace(broken)
+        assert "wire.tls_key" in str(ei.value)
+        for _ in range(8):
+            c = await psycopg.AsyncConnection.connect(w.dsn(**tls), autocommit=True)
+            assert c.pgconn.ssl_in_use
+            await c.close()
+    finally:
+        for c in conns:
+            await c.close()
+
+
 def test_workers_setting_is_checked(tmp_path: Path) -> None:
     from sqlproxy.config.loader import ConfigError
 

@@ -33,6 +33,7 @@ def test_certificate_users_accepted() -> None:
         }
     )
     assert cfg.wire.client_ca_file == "clients-ca.crt"
+    assert cfg.wire.client_crl_file is None
     assert not cfg.wire.require_client_cert
     users = UserDirectory(cfg, env={})
     assert users.wire_auth("alice") == "cert"
@@ -73,8 +74,17 @@ def test_certificate_users_accepted() -> None:
             {"wire": {**TLS, "client_ca_file": "ca.crt", "require_client_cert": True}},
             "wire: require_client_cert needs require_tls = true",
         ),
+        (
+            {"wire": {**TLS, "client_crl_file": "clients.crl"}},
+            "wire.client_crl_file: needs client_ca_file",
+        ),
     ],
 )
 def test_errors_name_the_key_and_the_reason(data: dict[str, Any], expected: str) -> None:
     problems = _problems(data)
     assert any(p.startswith(expected) for p in problems), problems
+
+
+def test_crl_file_with_its_ca_file() -> None:
+    cfg = parse_config({"wire": {**TLS, "client_ca_file": "ca.crt", "client_crl_file": "ca.crl"}})
+    assert cfg.wire.client_crl_file == "ca.crl"

@@ -76,6 +76,11 @@ def load_config(path: str | Path) -> ProxyConfig:
     return parse_config(data, str(p))
 
 
+# What a listener returns: None, or a function that puts what it built in place.
+Commit = Callable[[], None]
+Listener = Callable[[ProxyConfig, ProxyConfig], Commit | None]
+
+
 class ConfigHolder:
     """The running configuration. ``current`` is one attribute read, so a request sees either
     the old or the new config, never a mix. A reload that fails leaves the old one in place."""
@@ -84,7 +89,7 @@ class ConfigHolder:
         self._config = config
         self._path = path
         self._lock = threading.Lock()
-        self._listeners: list[Callable[[ProxyConfig, ProxyConfig], None]] = []
+        self._listeners: list[Listener] = []
         self.generation = 1
 
     @property
@@ -95,7 +100,11 @@ class ConfigHolder:
     def path(self) -> Path | None:
         return self._path
 
-    def on_change(self, listener: Callable[[ProxyConfig, ProxyConfig], None]) -> None:
+    def on_change(self, listener: Listener) -> None:
+        """``listener(old, new)`` runs on every replace, before the swap. It builds what it
+        derives from ``new`` and raises (ConfigError) when it cannot, changing nothing; it
+        returns a function that puts what it built in place (and does not fail), run only
+        once every listener has succeeded, or None when it has nothing to put in place."""
         self._listeners.append(listener)
 
     def reload(self) -> ProxyConfig:
@@ -108,10 +117,12 @@ class ConfigHolder:
     def replace(self, new: ProxyConfig) -> ProxyConfig:
         with self._lock:
             old = self._config
-            # Listeners build derived state (policy engine, user index); if one fails the swap
-            # is abandoned so that config and derived state never disagree.
-            for listener in self._listeners:
-                listener(old, new)
+            # Listeners build derived state (policy engine, user index, TLS context); if one
+            # fails the swap is abandoned before any of it is put in place, so that config and
+            # derived state never disagree.
+            commits = [c for listener in self._listeners if (c := listener(old, new)) is not None]
+            for commit in commits:
+                commit()
             self._config = new
             self.generation += 1
             return new

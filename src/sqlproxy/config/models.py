@@ -8,7 +8,7 @@ import re
 from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from sqlproxy.ratelimit.config import DistributedRateLimitConfig, RateLimitConfig
 
@@ -57,6 +57,11 @@ class WireConfig(Strict):
     # client without a valid certificate, whatever its user.
     client_ca_file: str | None = None
     require_client_cert: bool = False
+    # Certificate revocation lists (PEM, one or more CRLs) of the client_ca_file CAs: a client
+    # certificate they revoke fails the TLS handshake as one of an unknown CA does. Only the
+    # client's own certificate is checked, and every CA that signs client certificates needs a
+    # current CRL here: without one (or with one past its next update) its certificates fail.
+    client_crl_file: str | None = None
     # Password methods offered to clients: SCRAM-SHA-256 always; md5 only for users whose
     # configured password is an md5 hash; cleartext only over TLS.
     allow_md5: bool = False
@@ -99,6 +104,13 @@ class WireConfig(Strict):
     # On Linux it also replaces tcp_keepcnt: an idle connection is dropped once a probe went
     # unanswered and this long has passed without hearing from the peer.
     tcp_user_timeout_ms: Annotated[int, Field(ge=0, le=3_600_000)] = 0
+
+    @field_validator("client_crl_file")
+    @classmethod
+    def _crl_needs_ca(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is not None and info.data.get("client_ca_file") is None:
+            raise ValueError("needs client_ca_file (the CAs whose certificates the CRLs revoke)")
+        return v
 
     @model_validator(mode="after")
     def _tls_pair(self) -> WireConfig:

@@ -1,6 +1,7 @@
 """The wire door's listener: accepts clients, owns the server-connection pools, routes
-CancelRequests, and shuts down gracefully (stop accepting, let transactions finish up to a
-deadline, then close)."""
+CancelRequests, follows configuration reloads (TLS and TCP settings, for new connections),
+and shuts down gracefully (stop accepting, let transactions finish up to a deadline, then
+close)."""
 
 from __future__ import annotations
 
@@ -15,10 +16,11 @@ import socket
 import ssl
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from sqlproxy.config.loader import ConfigError, ConfigProblem
-from sqlproxy.config.models import WireConfig
+from sqlproxy.config.loader import Commit, ConfigError, ConfigProblem
+from sqlproxy.config.models import ProxyConfig, WireConfig
 from sqlproxy.runtime import Runtime
 from sqlproxy.tcp import TcpOptions
 from sqlproxy.wire.backend import UpstreamTarget, send_cancel
@@ -44,6 +46,119 @@ def _load_mock_secret(runtime: Runtime) -> bytes:
     with os.fdopen(fd, "w") as f:
         f.write(secret.hex())
     return secret
+
+
+# The [wire] keys a reload applies: to connections accepted after it (sessions already open keep
+# what they started with). The others are read when the listener starts. Every key that the
+# WireConfig validator relates to another is in here, so a mix of both stays valid.
+RELOADABLE = frozenset(
+    {
+        "tls_cert",
+        "tls_key",
+        "require_tls",
+        "client_ca_file",
+        "client_crl_file",
+        "require_client_cert",
+        "tcp_keepalive",
+        "tcp_keepidle_s",
+        "tcp_keepintvl_s",
+        "tcp_keepcnt",
+        "tcp_user_timeout_ms",
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class DoorSettings:
+    """What the listener accepts a connection with: the [wire] settings, the TLS context made
+    from them (None without tls_cert) and the TCP options. A reload replaces it whole; a
+    connection keeps the one that was current when it was accepted."""
+
+    config: WireConfig
+    ssl_context: ssl.SSLContext | None
+    tcp: TcpOptions
+
+
+def _problem(key: str, path: Path, reason: str) -> ConfigError:
+    return ConfigError("<config>", [ConfigProblem(key, f"cannot load {path}: {reason}")])
+
+
+class _EncryptedKey(Exception):
+    pass
+
+
+def _no_passphrase() -> str:
+    # OpenSSL would otherwise ask for the passphrase on the terminal, blocking the event loop.
+    raise _EncryptedKey
+
+
+def make_ssl_context(c: WireConfig, path_of: Callable[[str], Path]) -> ssl.SSLContext | None:
+    """The wire door's TLS context for ``c`` (None without tls_cert), with its files read now;
+    ``path_of`` resolves a configured path (relative to state_dir). A file that cannot be
+    loaded is a ConfigError naming its key."""
+    if c.tls_cert is None or c.tls_key is None:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    cert, key = path_of(c.tls_cert), path_of(c.tls_key)
+    try:
+        ctx.load_cert_chain(str(cert), str(key), password=_no_passphrase)
+    except _EncryptedKey:
+        raise _problem("wire.tls_key", key, "the key is encrypted (no passphrase can be given)") from None
+    except (OSError, ssl.SSLError) as e:
+        raise _cert_or_key_problem(cert, key, e) from None
+    # As PostgreSQL 17: ALPN "postgresql" on every TLS connection; a direct TLS client
+    # (sslnegotiation=direct) must have negotiated it (WireSession checks).
+    ctx.set_alpn_protocols([ALPN])
+    if c.client_ca_file is not None:
+        path = path_of(c.client_ca_file)
+        try:
+            # The only CAs trusted for client certificates: a server-side default context
+            # starts with none (the system's are loaded only into contexts that verify
+            # from the start), so a certificate from a public CA never names a user here.
+            ctx.load_verify_locations(cafile=str(path))
+        except (OSError, ssl.SSLError) as e:
+            raise _problem("wire.client_ca_file", path, str(e)) from None
+        if c.client_crl_file is not None:
+            _load_crls(ctx, path_of(c.client_crl_file))
+        ctx.verify_mode = ssl.CERT_REQUIRED if c.require_client_cert else ssl.CERT_OPTIONAL
+    return ctx
+
+
+def _cert_or_key_problem(cert: Path, key: Path, e: Exception) -> ConfigError:
+    """load_cert_chain failed: blame the certificate file when it holds no certificate that
+    can be read, else the key (unreadable, not a key, or not the certificate's key)."""
+    scratch = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        scratch.load_verify_locations(cafile=str(cert))
+    except (OSError, ssl.SSLError) as ce:
+        return _problem("wire.tls_cert", cert, str(ce))
+    if not scratch.cert_store_stats()["x509"]:
+        return _problem("wire.tls_cert", cert, "no certificate in it")
+    return _problem("wire.tls_key", key, f"{e} (tls_key must be the PEM private key of tls_cert)")
+
+
+def _load_crls(ctx: ssl.SSLContext, path: Path) -> None:
+    """Add the CRLs of ``path`` (PEM) to the context's store and check client certificates
+    against them: a revoked one then fails the handshake as one of an unknown CA does. Only
+    the client's certificate is looked up (VERIFY_CRL_CHECK_LEAF), and OpenSSL then wants a
+    valid CRL of its issuer: a certificate whose CA has none here, or only one past its next
+    update, fails too. A file that adds certificates is refused: they would become trusted
+    client CAs, and those belong in client_ca_file."""
+
+    def problem(reason: str) -> ConfigError:
+        return _problem("wire.client_crl_file", path, reason)
+
+    before = ctx.cert_store_stats()
+    try:
+        ctx.load_verify_locations(cafile=str(path))
+    except (OSError, ssl.SSLError) as e:
+        raise problem(str(e)) from None
+    after = ctx.cert_store_stats()
+    if after["x509"] != before["x509"]:
+        raise problem("it holds certificates; only CRLs (BEGIN X509 CRL) belong in it")
+    if after["crl"] == before["crl"]:
+        raise problem("no CRL in it")
+    ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
 
 
 def _set_done(fut: asyncio.Future[None]) -> None:
@@ -99,15 +214,16 @@ class WireServer:
         config: WireConfig | None = None,
         worker: WorkerSlot | None = None,
     ) -> None:
+        """Without ``config`` the listener follows ``runtime.config``: a reload applies the
+        RELOADABLE keys to new connections. With one (the tests' listeners), it keeps that."""
         self.runtime = runtime
         self.worker = worker
-        self.config: WireConfig = config if config is not None else runtime.config.current.wire
-        self.host = host if host is not None else self.config.host
-        self.port = port if port is not None else self.config.port
+        wire = config if config is not None else runtime.config.current.wire
+        self.host = host if host is not None else wire.host
+        self.port = port if port is not None else wire.port
         self.mock_secret = _load_mock_secret(runtime)
         self.decider = Decider(runtime)
-        self.ssl_context = self._ssl_context()
-        self.tcp = TcpOptions.from_config(self.config)
+        self.door = self._door_for(wire)
         self.sessions: set[WireSession] = set()
         self.active = 0
         self.stopping = False
@@ -117,31 +233,54 @@ class WireServer:
         self._tasks: set[asyncio.Task[Any]] = set()
         # Connections handed over before their first byte was known (hand_over).
         self._routing: set[asyncio.Task[None]] = set()
+        if config is None:
+            # The holder has no way to remove a listener: once stopped, this one does nothing.
+            runtime.config.on_change(self._on_config_change)
 
-    def _ssl_context(self) -> ssl.SSLContext | None:
-        c = self.config
-        if c.tls_cert is None or c.tls_key is None:
+    @property
+    def config(self) -> WireConfig:
+        return self.door.config
+
+    @property
+    def ssl_context(self) -> ssl.SSLContext | None:
+        return self.door.ssl_context
+
+    @property
+    def tcp(self) -> TcpOptions:
+        return self.door.tcp
+
+    def _door_for(self, c: WireConfig) -> DoorSettings:
+        return DoorSettings(c, make_ssl_context(c, self.runtime._state_path), TcpOptions.from_config(c))
+
+    def _on_config_change(self, old: ProxyConfig, new: ProxyConfig) -> Commit | None:
+        """A reload: the new TLS context (its files read again, so a certificate replaced in
+        place is picked up) and TCP options, for the connections accepted from then on and
+        the server connections opened from then on. A file that cannot be loaded refuses the
+        reload (ConfigError naming its key) and leaves everything as it was."""
+        if self.stopping:
             return None
-        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ctx.load_cert_chain(
-            str(self.runtime._state_path(c.tls_cert)), str(self.runtime._state_path(c.tls_key))
-        )
-        # As PostgreSQL 17: ALPN "postgresql" on every TLS connection; a direct TLS client
-        # (sslnegotiation=direct) must have negotiated it (WireSession checks).
-        ctx.set_alpn_protocols([ALPN])
-        if c.client_ca_file is not None:
-            path = self.runtime._state_path(c.client_ca_file)
-            try:
-                # The only CAs trusted for client certificates: a server-side default context
-                # starts with none (the system's are loaded only into contexts that verify
-                # from the start), so a certificate from a public CA never names a user here.
-                ctx.load_verify_locations(cafile=str(path))
-            except (OSError, ssl.SSLError) as e:
-                raise ConfigError(
-                    "<config>", [ConfigProblem("wire.client_ca_file", f"cannot load {path}: {e}")]
-                ) from None
-            ctx.verify_mode = ssl.CERT_REQUIRED if c.require_client_cert else ssl.CERT_OPTIONAL
-        return ctx
+        running = self.door.config
+        door = self._door_for(running.model_copy(update={k: getattr(new.wire, k) for k in RELOADABLE}))
+        fixed = [
+            k
+            for k in WireConfig.model_fields
+            if k not in RELOADABLE and getattr(new.wire, k) != getattr(running, k)
+        ]
+
+        def commit() -> None:
+            self.door = door
+            for pool in self.pools.values():
+                pool.tcp = door.tcp  # for the server connections it opens next
+            log.info(
+                "wire door: new connections get the reloaded TLS (%s) and TCP settings",
+                "on" if door.ssl_context is not None else "off",
+            )
+            if fixed:
+                log.warning(
+                    "wire door: %s changed, but take effect only when the proxy restarts", ", ".join(fixed)
+                )
+
+        return commit
 
     @property
     def bound_port(self) -> int:
@@ -162,13 +301,13 @@ class WireServer:
         log.info("wire door listening on %s:%s", self.host, self.bound_port)
 
     # -- direct TLS --------------------------------------------------------------------------
-    def hand_over(self, transport: asyncio.Transport, source: str) -> None:
+    def hand_over(self, transport: asyncio.Transport, source: str, door: DoorSettings) -> None:
         """Take over a new connection whose first byte has not arrived yet or starts a TLS
         handshake (WireSession.connection_made peeked). Its transport is closed without
         having read a byte; a second descriptor of the socket keeps the connection, and
         _route waits for that byte and then makes the session: over TLS with a handshake
         of its own (connect_accepted_socket), so the ClientHello reaches the TLS layer
-        whole."""
+        whole. ``door``: the settings the connection was accepted with, kept to the end."""
         raw = transport.get_extra_info("socket")
         try:
             sock = socket.socket(raw.family, raw.type, raw.proto, os.dup(raw.fileno()))
@@ -178,12 +317,12 @@ class WireServer:
             return
         transport.close()  # closes only its own descriptor: no FIN while `sock` holds one
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.config.startup_timeout_s
-        task = loop.create_task(self._route(sock, source, deadline))
+        deadline = loop.time() + door.config.startup_timeout_s
+        task = loop.create_task(self._route(sock, source, deadline, door))
         self._routing.add(task)
         task.add_done_callback(self._routing.discard)
 
-    async def _route(self, sock: socket.socket, source: str, deadline: float) -> None:
+    async def _route(self, sock: socket.socket, source: str, deadline: float, door: DoorSettings) -> None:
         loop = asyncio.get_running_loop()
         try:
             try:
@@ -194,9 +333,11 @@ class WireServer:
                 sock.close()
                 return
             if first[0] != TLS_HANDSHAKE:
-                await loop.connect_accepted_socket(lambda: WireSession(self, deadline=deadline), sock)
+                await loop.connect_accepted_socket(
+                    lambda: WireSession(self, deadline=deadline, door=door), sock
+                )
                 return
-            ctx = self.ssl_context
+            ctx = door.ssl_context
             if ctx is None:
                 # As PostgreSQL without ssl: the connection is closed without a word (a
                 # PostgreSQL error message would be garbage to a TLS client).
@@ -205,7 +346,7 @@ class WireServer:
                 return
             try:
                 await loop.connect_accepted_socket(
-                    lambda: WireSession(self, direct_tls=True, deadline=deadline),
+                    lambda: WireSession(self, direct_tls=True, deadline=deadline, door=door),
                     sock,
                     ssl=ctx,
                     ssl_handshake_timeout=max(deadline - loop.time(), 0.001),

@@ -82,7 +82,7 @@ from sqlproxy.wire.pump import (
 from sqlproxy.wire.settings import ClientSettings
 
 if TYPE_CHECKING:
-    from sqlproxy.wire.listener import WireServer
+    from sqlproxy.wire.listener import DoorSettings, WireServer
 
 log = logging.getLogger(__name__)
 
@@ -199,16 +199,24 @@ def _frame(t: bytes, body: bytes) -> bytes:
 
 class WireSession(asyncio.Protocol, PumpOwner):
     def __init__(
-        self, server: WireServer, *, direct_tls: bool = False, deadline: float | None = None
+        self,
+        server: WireServer,
+        *,
+        direct_tls: bool = False,
+        deadline: float | None = None,
+        door: DoorSettings | None = None,
     ) -> None:
         """``direct_tls``: the listener did a direct TLS handshake before this session began;
         ``deadline``: the loop time by which startup must be done, when the listener has
-        already spent part of startup_timeout_s on the connection (WireServer.hand_over)."""
+        already spent part of startup_timeout_s on the connection (WireServer.hand_over);
+        ``door``: the listener's settings when it accepted the connection (by default, its
+        current ones), which the session keeps whatever a reload brings."""
         self.server = server
         self.direct_tls = direct_tls
         self.deadline = deadline
         self.rt = server.runtime
-        self.cfg = server.config
+        self.door = door if door is not None else server.door
+        self.cfg = self.door.config
         self.transport: asyncio.Transport | None = None
         self.client_transport = None
         self.dec = FrontendDecoder(max_message_length=self.cfg.max_message_bytes)
@@ -230,7 +238,7 @@ class WireSession(asyncio.Protocol, PumpOwner):
         # Protocol state.
         self.status = "I"
         self.search_path: tuple[str, ...] | None = None
-        self.pinned = server.config.pool_mode == "session"
+        self.pinned = self.cfg.pool_mode == "session"
         self.discard = False  # the proxy failed the extended batch: drop messages until Sync
         self.simple_active = False
         self.stmts: dict[bytes, Prepared] = {}
@@ -256,7 +264,7 @@ class WireSession(asyncio.Protocol, PumpOwner):
         # uvloop's transports (`sqlproxy serve` runs on uvloop) implement asyncio.Transport
         # without subclassing it, so no isinstance check here.
         self.transport = cast(asyncio.Transport, transport)
-        self.server.tcp.apply(transport)
+        self.door.tcp.apply(transport)
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and len(peer) >= 2:
             self.source_ip, self.source_port = str(peer[0]), int(peer[1])
@@ -275,7 +283,7 @@ class WireSession(asyncio.Protocol, PumpOwner):
             # over (WireServer.hand_over) and this transport never reads.
             first = _peek_first_byte(transport)
             if first is None or first == TLS_HANDSHAKE:
-                self.server.hand_over(self.transport, self.source_text)
+                self.server.hand_over(self.transport, self.source_text, self.door)
                 return
         self.task = asyncio.get_running_loop().create_task(self.run())
         self.server.sessions.add(self)
@@ -462,7 +470,7 @@ class WireSession(asyncio.Protocol, PumpOwner):
         while True:
             msg = await self._next_startup()
             if isinstance(msg, SSLRequest):
-                ctx = self.server.ssl_context
+                ctx = self.door.ssl_context
                 if ctx is None:
                     self._write(b"N")
                     continue

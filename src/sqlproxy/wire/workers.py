@@ -24,10 +24,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from sqlproxy.config.loader import Commit
 from sqlproxy.config.models import ProxyConfig
 from sqlproxy.runtime import Runtime
 from sqlproxy.wire.channel import Channel, ChannelClosed
-from sqlproxy.wire.listener import MAX_WORKERS, _load_mock_secret, worker_of
+from sqlproxy.wire.listener import MAX_WORKERS, _load_mock_secret, make_ssl_context, worker_of
 
 log = logging.getLogger(__name__)
 
@@ -231,14 +232,20 @@ class WireWorkers:
         self.cancels_routed += 1
         target.channel.send(("cancel", pid, secret))
 
-    def _on_config_change(self, old: ProxyConfig, new: ProxyConfig) -> None:
-        # Runs after the runtime's own listener accepted ``new`` (registered later), so a
-        # configuration the proxy refused never reaches the workers.
+    def _on_config_change(self, old: ProxyConfig, new: ProxyConfig) -> Commit | None:
+        """A reload: checked here as a worker would (the TLS files are loaded: a file that
+        cannot be loaded refuses the reload, naming its key), sent to the workers only once
+        every listener has accepted it."""
         if self.stopping:
-            return
-        self._watch_lockout()
-        for w in self.workers.values():
-            w.channel.send(("config", new))
+            return None
+        make_ssl_context(new.wire, self.runtime._state_path)
+
+        def commit() -> None:
+            self._watch_lockout()  # the runtime's commit ran first: its lockout table is in place
+            for w in self.workers.values():
+                w.channel.send(("config", new))
+
+        return commit
 
     def stats(self) -> dict[str, Any]:
         return {
