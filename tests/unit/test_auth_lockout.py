@@ -107,3 +107,29 @@ def test_stale_histories_are_dropped() -> None:
 def test_rejects_nonsense_parameters(kwargs: dict[str, float]) -> None:
     with pytest.raises(ValueError):
         Lockout(**kwargs)  # type: ignore[arg-type]
+
+
+def test_on_lock_hears_of_every_lock_and_lock_for_applies_one_from_elsewhere() -> None:
+    # Wire worker processes: the proxy's table tells them of its locks (on_lock), each applies
+    # them (lock_for), and a worker started later gets the running ones (active_locks).
+    clock = FakeClock()
+    primary = Lockout(threshold=2, window_s=60, duration_s=300, clock=clock)
+    heard: list[tuple[str, float]] = []
+    primary.on_lock = lambda key, seconds: heard.append((key, seconds))
+    assert primary.record_failure("k") is False and heard == []
+    assert primary.record_failure("k") is True
+    assert heard == [("k", 300)]
+    worker = Lockout(threshold=2, window_s=60, duration_s=300, clock=clock)
+    worker.record_failure("k")  # its own history goes: the lock stands for it
+    worker.lock_for(*heard[0])
+    assert worker.locked("k") and worker.remaining("k") == 300
+    worker.lock_for("k", 10)  # a shorter lock never shortens a running one
+    assert worker.remaining("k") == 300
+    clock.advance(100)
+    assert primary.active_locks() == [("k", 200)]
+    late = Lockout(threshold=2, window_s=60, duration_s=300, clock=clock)
+    for key, seconds in primary.active_locks():
+        late.lock_for(key, seconds)
+    assert late.remaining("k") == 200
+    clock.advance(200)
+    assert primary.active_locks() == [] and not worker.locked("k") and not late.locked("k")

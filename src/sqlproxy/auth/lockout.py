@@ -93,6 +93,12 @@ class Lockout:
             self._evict_locks(now)
             return True
 
+    def active_locks(self) -> list[tuple[str, float]]:
+        """Every key locked now, with the seconds its lock has left."""
+        now = self._clock()
+        with self._mutex:
+            return [(k, until - now) for k, until in self._locked_until.items() if until > now]
+
     def lock_for(self, key: str, seconds: float) -> None:
         """Lock ``key`` for ``seconds`` from now (a lock another process of the proxy decided);
         a longer running lock is kept."""

@@ -171,7 +171,7 @@ async def run(fd: int, index: int, count: int) -> int:
         if not stop.done():
             stop.set_result(grace)
 
-    loop.add_signal_handler(signal.SIGTERM, stop_now, config.wire.shutdown_grace_s)
+    loop.add_signal_handler(signal.SIGTERM, lambda: stop_now(holder.current.wire.shutdown_grace_s))
     tasks: set[asyncio.Task[Any]] = set()
 
     async def receive() -> None:
@@ -209,6 +209,8 @@ async def run(fd: int, index: int, count: int) -> int:
     receiver.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await receiver
+    with contextlib.suppress(ChannelClosed):
+        await channel.drain()  # all of it sent before the process ends
     channel.close()
     return 0
 

@@ -134,6 +134,9 @@ class WireWorkers:
             child.close()
         self.port = int(msg[1])
         w = _Worker(index=index, process=proc, channel=channel, pid=int(msg[2]))
+        # Locks decided before this worker started (it replaces one that died, say).
+        for key, seconds in self.runtime.users.lockout.active_locks():
+            channel.send(("lock", key, seconds))
         w.task = asyncio.get_running_loop().create_task(self._serve(w), name=f"wire-worker-{index}")
         return w
 
@@ -187,6 +190,12 @@ class WireWorkers:
                     log.warning("wire worker %d sent an unknown message %r", w.index, kind)
         except ChannelClosed:
             pass
+        except Exception:
+            # A message this process cannot take: the worker is replaced rather than left
+            # running unheard (its records would pile up unread).
+            log.exception("wire worker %d: bad message; stopping it", w.index)
+            with contextlib.suppress(ProcessLookupError):
+                w.process.kill()
         finally:
             rt.metrics.retire_source(("wire-worker", w.index))
         code = await w.process.wait()
