@@ -33,11 +33,6 @@ def build_app(
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await runtime.start()
-        wire = wire_door(runtime, env)
-        if wire is not None:
-            await wire.start()
-        if own_process:
-            tune_gc()
         loop = asyncio.get_running_loop()
 
         def on_hup() -> None:
@@ -47,9 +42,17 @@ def build_app(
             except ConfigError as e:
                 log.error("reload refused, running configuration unchanged:\n%s", e)
 
+        # Before the wire door opens: once a client can connect, a SIGHUP must be a reload,
+        # never its default action (the end of the process), even while wire workers start.
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(signal.SIGHUP, on_hup)
+        wire = None
         try:
+            wire = wire_door(runtime, env)
+            if wire is not None:
+                await wire.start()
+            if own_process:
+                tune_gc()
             yield
         finally:
             with contextlib.suppress(NotImplementedError, RuntimeError):

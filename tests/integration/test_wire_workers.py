@@ -490,3 +490,92 @@ def test_workers_setting_is_checked(tmp_path: Path) -> None:
         with pytest.raises(ConfigError) as ei:
             load_config(p)
         assert "wire.workers" in str(ei.value)
+
+
+def _children(pid: int) -> set[int]:
+    found = set()
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rpartition(")")[2].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            if ppid == pid:
+                found.add(int(d.name))
+    return found
+
+
+def test_serve_with_workers_reloads_on_sighup_and_stops_on_sigterm(
+    demo_dsn: str, tmp_path: Path, demo_keys: dict[str, str], demo_passwords: dict[str, str]
+) -> None:
+    """`sqlproxy serve` as a user runs it, with [wire] workers = 2: SIGHUP reaches the workers,
+    SIGTERM stops them all, and the trail they fed verifies."""
+    import subprocess
+    import sys
+    import time
+
+    from sqlproxy.embedded._process import free_port
+
+    wire_port = free_port()
+    cfg = write_demo_config(tmp_path, demo_dsn, free_port(), demo_keys, demo_passwords)
+    cfg.write_text(cfg.read_text() + f'\n[wire]\nhost = "127.0.0.1"\nport = {wire_port}\nworkers = 2\n')
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sqlproxy", "serve", "--config", str(cfg)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    dsn = (
+        f"host=127.0.0.1 port={wire_port} dbname=demo user=analyst "
+        f"password={demo_passwords['analyst']} sslmode=disable connect_timeout=5"
+    )
+
+    def employees() -> str:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            try:
+                conn.execute("SELECT name FROM employees LIMIT 1")
+                return "allowed"
+            except psycopg.errors.InsufficientPrivilege:
+                return "denied"
+
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                first = employees()
+                break
+            except psycopg.OperationalError:
+                assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+                assert time.monotonic() < deadline, "the wire door did not come up"
+                time.sleep(0.2)
+        assert first == "denied"
+        workers = _children(proc.pid)
+        assert len(workers) >= 2  # the two workers (and the audit writer process)
+        text = cfg.read_text()
+        cfg.write_text(
+            text.replace('table = "employees"\naction = "block"', 'table = "employees"\naction = "allow"')
+        )
+        os.kill(proc.pid, signal.SIGHUP)
+        deadline = time.monotonic() + 30
+        allowed = 0
+        while allowed < 16:  # 16 new connections in a row: the kernel spread them over both
+            if employees() == "allowed":
+                allowed += 1
+            else:
+                allowed = 0
+                assert time.monotonic() < deadline, "SIGHUP did not reach the workers"
+                time.sleep(0.1)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode in (0, -signal.SIGTERM), out
+    assert "Application shutdown complete" in out
+    assert not [p for p in workers if Path(f"/proc/{p}").exists()], "a worker outlived the proxy"
+    r = subprocess.run(
+        [sys.executable, "-m", "sqlproxy", "audit", "verify", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert r.returncode == 0 and ": ok" in r.stdout, r.stdout + r.stderr

@@ -178,8 +178,8 @@ async def run(fd: int, index: int, count: int) -> int:
         while True:
             try:
                 msg = await channel.recv()
-            except ChannelClosed:
-                log.warning("worker %d: the proxy's process has gone; stopping", index)
+            except ChannelClosed as e:
+                log.warning("worker %d: the proxy's process has gone (%r); stopping", index, e.__cause__ or e)
                 stop_now(holder.current.wire.shutdown_grace_s)
                 return
             kind = msg[0]

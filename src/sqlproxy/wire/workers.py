@@ -74,6 +74,11 @@ class WireWorkers:
     async def start(self) -> None:
         # Files every worker reads: made here first, so that workers never race to create them.
         _load_mock_secret(self.runtime)
+        if not self._listening:
+            # Before the first worker: a reload while the others start reaches it too (the
+            # ones started later read the configuration as it is then).
+            self._listening = True
+            self.runtime.config.on_change(self._on_config_change)
         try:
             # The first worker binds (port 0: the kernel picks one); the others join its port.
             for i in range(self.count):
@@ -82,9 +87,6 @@ class WireWorkers:
         except BaseException:
             await self.stop(0)
             raise
-        if not self._listening:
-            self._listening = True
-            self.runtime.config.on_change(self._on_config_change)
         self._watch_lockout()
         log.info("wire door listening on %s:%s with %d worker processes", self._host, self.port, self.count)
 
