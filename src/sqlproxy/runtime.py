@@ -112,6 +112,8 @@ class Runtime:
         self.plans = Plans(self)
         self.stream = StreamHub(self)
         self._retired: list[Upstream] = []
+        # What the wire door reports on /health (set by whoever starts it).
+        self.wire_status: Callable[[], dict[str, Any]] | None = None
         # What an audit record takes from an analysis (kinds, relations, output columns), built
         # once per analysis object: the analysis cache hands the same object to every statement
         # of one shape. Keyed by id(); each entry holds its analysis, so the id stays its own.

@@ -51,6 +51,7 @@ def build_app(
             wire = wire_door(runtime, env)
             if wire is not None:
                 await wire.start()
+                runtime.wire_status = wire.status
             if own_process:
                 tune_gc()
             yield

@@ -111,6 +111,8 @@ def test_serve_reloads_on_sighup_and_stops_on_sigterm(demo_dsn: str, tmp_path: P
             time.sleep(0.1)
         r = httpx.post(f"{base}/api/v1/query", json={"sql": "SELECT name FROM employees"}, headers=h)
         assert r.status_code == 403
+        wire = httpx.get(f"{base}/health").json()["wire"]
+        assert wire["workers"] == 1 and wire["running"] == 1 and wire["clients"] == 0
         text = cfg.read_text()
         cfg.write_text(
             text.replace('table = "employees"\naction = "block"', 'table = "employees"\naction = "allow"')

@@ -363,6 +363,8 @@ async def test_a_killed_worker_is_replaced_and_the_other_goes_on(workers: Worker
             return workers.door.workers[1] is not victim
 
         assert await poll(replaced, 30) and workers.door.restarts >= 1
+        status = workers.door.status()
+        assert status["running"] == 2 and status["restarts"] == workers.door.restarts
         for c in survivors:  # clients of the other worker never noticed
             cur = await c.execute("SELECT count(*) FROM orders")
             assert (await cur.fetchone()) is not None
@@ -516,8 +518,8 @@ def test_serve_with_workers_reloads_on_sighup_and_stops_on_sigterm(
 
     from sqlproxy.embedded._process import free_port
 
-    wire_port = free_port()
-    cfg = write_demo_config(tmp_path, demo_dsn, free_port(), demo_keys, demo_passwords)
+    wire_port, http_port = free_port(), free_port()
+    cfg = write_demo_config(tmp_path, demo_dsn, http_port, demo_keys, demo_passwords)
     cfg.write_text(cfg.read_text() + f'\n[wire]\nhost = "127.0.0.1"\nport = {wire_port}\nworkers = 2\n')
     proc = subprocess.Popen(
         [sys.executable, "-m", "sqlproxy", "serve", "--config", str(cfg)],
@@ -549,6 +551,20 @@ def test_serve_with_workers_reloads_on_sighup_and_stops_on_sigterm(
                 assert time.monotonic() < deadline, "the wire door did not come up"
                 time.sleep(0.2)
         assert first == "denied"
+        # /health says how many workers run once the proxy has started them all.
+        import httpx
+
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                health = httpx.get(f"http://127.0.0.1:{http_port}/health", timeout=5).json()
+                if health.get("wire", {}).get("running") == 2:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the proxy did not report its workers"
+            time.sleep(0.2)
+        assert health["wire"]["workers"] == 2 and health["wire"]["restarts"] == 0
         workers = _children(proc.pid)
         assert len(workers) >= 2  # the two workers (and the audit writer process)
         text = cfg.read_text()

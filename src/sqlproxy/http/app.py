@@ -366,6 +366,7 @@ def create_app(runtime: Runtime) -> FastAPI:
                 "version": __version__,
                 "upstreams": ups,
                 "audit": {"queue_depth": runtime.audit.queue_depth},
+                **({"wire": runtime.wire_status()} if runtime.wire_status is not None else {}),
             }
         )
 

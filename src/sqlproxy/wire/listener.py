@@ -358,6 +358,10 @@ class WireServer:
             sock.close()
             raise
 
+    def status(self) -> dict[str, Any]:
+        """For /health."""
+        return {"workers": 1, "running": 0 if self.stopping else 1, "clients": self.active}
+
     # -- sessions ----------------------------------------------------------------------------
     def admit(self, session: WireSession) -> bool:
         if self.active >= self.config.max_clients or self.stopping:

@@ -258,10 +258,11 @@ class WireWorkers:
 
         return commit
 
-    def stats(self) -> dict[str, Any]:
+    def status(self) -> dict[str, Any]:
+        """For /health: how many workers run (one being replaced does not), restarts so far."""
         return {
             "workers": self.count,
+            "running": sum(1 for w in self.workers.values() if w.process.returncode is None),
             "restarts": self.restarts,
             "cancels_routed": self.cancels_routed,
-            "pids": {w.index: w.pid for w in self.workers.values()},
         }
