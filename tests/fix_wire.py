@@ -18,6 +18,9 @@ serves the proxy: use `await asyncio.to_thread(...)` or `WireHarness.run(...)`.
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
+import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -163,3 +166,26 @@ async def run_psql(h: WireHarness, script: str, user: str = "analyst", *args: st
     finally:
         os.unlink(path)
     return proc.returncode or 0, out.decode(), err.decode()
+
+
+async def run_pgbench_script(env: dict[str, str], script: str, *, clients: int, transactions: int) -> None:
+    """pgbench with ``script`` (its -f file) in the simple, extended and prepared protocols
+    against the libpq settings in ``env``; each run must complete every transaction."""
+    pgbench = shutil.which("pgbench") or "/usr/lib/postgresql/15/bin/pgbench"
+    with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as f:
+        f.write(script)
+    total = clients * transactions
+    try:
+        for mode in ("simple", "extended", "prepared"):
+            proc = await asyncio.create_subprocess_exec(
+                pgbench,
+                *("-n", "-c", str(clients), "-j", "2", "-t", str(transactions), "-M", mode, "-f", f.name),
+                env={**os.environ, **env},
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+            out, err = await proc.communicate()
+            assert proc.returncode == 0, err.decode()
+            assert f"number of transactions actually processed: {total}/{total}" in out.decode()
+    finally:
+        os.unlink(f.name)

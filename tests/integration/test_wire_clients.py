@@ -4,8 +4,6 @@ pipeline), asyncpg (prepared, binary codecs, transactions, cursors), SQLAlchemy,
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -14,7 +12,7 @@ import asyncpg
 import psycopg
 import pytest
 
-from tests.fix_wire import WireHarness, run_psql
+from tests.fix_wire import WireHarness, run_pgbench_script, run_psql
 
 
 async def test_psql_script_masks_filters_and_denies(wire: WireHarness) -> None:
@@ -214,34 +212,8 @@ async def test_sqlalchemy(wire: WireHarness) -> None:
 
 
 async def test_pgbench_select_only_modes(wire: WireHarness, proxy) -> None:
-    pgbench = shutil.which("pgbench") or "/usr/lib/postgresql/15/bin/pgbench"
     script = "\\set aid random(1, 10)\nSELECT id, total FROM orders WHERE id = :aid;\n"
-    import tempfile
-
-    with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as f:
-        f.write(script)
-    try:
-        for mode in ("simple", "extended", "prepared"):
-            proc = await asyncio.create_subprocess_exec(
-                pgbench,
-                "-n",
-                "-c",
-                "4",
-                "-t",
-                "25",
-                "-M",
-                mode,
-                "-f",
-                f.name,
-                env={**os.environ, **wire.env("admin")},
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-            )
-            out, err = await proc.communicate()
-            assert proc.returncode == 0, err.decode()
-            assert "number of transactions actually processed: 100/100" in out.decode()
-    finally:
-        os.unlink(f.name)
+    await run_pgbench_script(wire.env("admin"), script, clients=4, transactions=25)
     assert wire.backends_in_use() == 0
 
 

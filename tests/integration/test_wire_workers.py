@@ -8,9 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import signal
-import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +25,7 @@ from sqlproxy.runtime import Runtime
 from sqlproxy.wire.listener import worker_of
 from sqlproxy.wire.workers import WireWorkers
 from tests.audit_checks import verify_trail
+from tests.fix_wire import run_pgbench_script
 
 
 @dataclass
@@ -268,34 +267,8 @@ async def test_a_reload_reaches_every_worker(workers: Workers) -> None:
 
 
 async def test_pgbench_through_the_workers(workers: Workers) -> None:
-    pgbench = shutil.which("pgbench") or "/usr/lib/postgresql/15/bin/pgbench"
     script = "\\set aid random(1, 10)\nSELECT id, total FROM orders /* pgbench-w */ WHERE id = :aid;\n"
-    with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as f:
-        f.write(script)
-    try:
-        for mode in ("simple", "extended", "prepared"):
-            proc = await asyncio.create_subprocess_exec(
-                pgbench,
-                "-n",
-                "-c",
-                "8",
-                "-j",
-                "2",
-                "-t",
-                "50",
-                "-M",
-                mode,
-                "-f",
-                f.name,
-                env={**os.environ, **workers.env("admin")},
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-            )
-            out, err = await proc.communicate()
-            assert proc.returncode == 0, err.decode()
-            assert "number of transactions actually processed: 400/400" in out.decode()
-    finally:
-        os.unlink(f.name)
+    await run_pgbench_script(workers.env("admin"), script, clients=8, transactions=50)
     # Prepared mode parses once per connection: 400 executions each mode, one record each.
     records = await workers.audited("/* pgbench-w */", 1200)
     assert len(records) == 1200
