@@ -39,6 +39,9 @@ class RateLimiter:
         self.hierarchy = Hierarchy(limits, clock)
         self.dist_config = distributed
         self.distributed: DistributedLimiter | None = None
+        # The share of every limit this process holds when it is not a node of a distributed
+        # cluster: 1, or 1/N in each of N wire worker processes.
+        self.alone_share = 1.0
         self.admitted = 0
         self.rejected: Counter[str] = Counter()
         self._started = False
@@ -51,6 +54,8 @@ class RateLimiter:
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
         self._started = True
+        if not self.dist_config.enabled:
+            self._set_share(self.alone_share)
         if self.dist_config.enabled:
             self.distributed = DistributedLimiter(self.hierarchy, self.dist_config)
             await self.distributed.start()
@@ -92,14 +97,18 @@ class RateLimiter:
             await d.close()
             self.distributed = None
             if not distributed.enabled:
-                # Alone again: this node's buckets hold the whole limit.
-                now = self.hierarchy.clock()
-                self.hierarchy.default_share = 1.0
-                for b in self.hierarchy.buckets():
-                    b.set_share(1.0, now)
+                # Alone again: this node's buckets hold the whole limit (its part of it, in a
+                # wire worker process).
+                self._set_share(self.alone_share)
         if distributed.enabled:
             self.distributed = DistributedLimiter(self.hierarchy, distributed)
             await self.distributed.start()
+
+    def _set_share(self, share: float) -> None:
+        now = self.hierarchy.clock()
+        self.hierarchy.default_share = share
+        for b in self.hierarchy.buckets():
+            b.set_share(share, now)
 
     # -- the check ------------------------------------------------------------------------------
     def try_acquire(self, user: str, roles: frozenset[str], database: str | None) -> Rejection | None:

@@ -31,7 +31,7 @@ from sqlproxy.wire.session import ALPN, TLS_HANDSHAKE, WireSession, peek_first
 log = logging.getLogger(__name__)
 
 
-def _load_mock_secret(runtime: Runtime) -> bytes:
+def load_mock_secret(runtime: Runtime) -> bytes:
     """A persistent secret for SCRAM mock exchanges: an unknown user's fake salt must not
     change across restarts, or probing twice would tell unknown users from real ones."""
     path = runtime._state_path("wire/scram-mock.secret")
@@ -221,7 +221,7 @@ class WireServer:
         wire = config if config is not None else runtime.config.current.wire
         self.host = host if host is not None else wire.host
         self.port = port if port is not None else wire.port
-        self.mock_secret = _load_mock_secret(runtime)
+        self.mock_secret = load_mock_secret(runtime)
         self.decider = Decider(runtime)
         self.door = self._door_for(wire)
         self.sessions: set[WireSession] = set()

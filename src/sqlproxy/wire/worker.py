@@ -112,6 +112,9 @@ class WorkerRuntime(Runtime):
         self.forwarder = AuditForwarder(channel)
         self.worker_count = count
         super().__init__(holder, env, audit_queue=self.forwarder)
+        # Alone, each worker holds 1/N of every limit (the kernel spreads clients evenly); with
+        # distributed rate limiting each worker is a node of the cluster.
+        self.rate_limiter.alone_share = 1.0 / count
 
     def _new_lockout(self, config: ProxyConfig) -> Lockout | None:
         a = config.auth
@@ -120,10 +123,6 @@ class WorkerRuntime(Runtime):
     async def start(self) -> None:
         # No audit writer and no stream door here: both are the proxy's process's.
         await self.rate_limiter.start()
-        if self.rate_limiter.distributed is None:
-            # Alone, each worker holds 1/N of every limit (the kernel spreads clients evenly);
-            # with distributed rate limiting each worker is a node of the cluster.
-            self.rate_limiter.hierarchy.default_share = 1.0 / self.worker_count
         await asyncio.gather(*(u.start() for u in self.upstreams.values()))
 
     async def close(self) -> None:

@@ -9,7 +9,10 @@ configuration (a reload here is sent to every worker), cancel routing between wo
 ``/metrics`` (workers send theirs once a second).
 
 A worker that dies is started again (its clients' connections are gone with it, as with a
-PostgreSQL backend that crashed); its records up to its last event-loop turn were sent.
+PostgreSQL backend that crashed). A worker killed outright loses the audit records it had not
+sent yet: those of its last few milliseconds (``AuditForwarder.LINGER_S``), as the proxy's own
+process killed outright loses its writer's queue. A worker that stops (told to, SIGTERM, or its
+proxy gone) sends every record first.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from sqlproxy.config.loader import Commit
 from sqlproxy.config.models import ProxyConfig
 from sqlproxy.runtime import Runtime
 from sqlproxy.wire.channel import Channel, ChannelClosed
-from sqlproxy.wire.listener import MAX_WORKERS, _load_mock_secret, make_ssl_context, worker_of
+from sqlproxy.wire.listener import MAX_WORKERS, load_mock_secret, make_ssl_context, worker_of
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +76,7 @@ class WireWorkers:
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
         # Files every worker reads: made here first, so that workers never race to create them.
-        _load_mock_secret(self.runtime)
+        load_mock_secret(self.runtime)
         if not self._listening:
             # Before the first worker: a reload while the others start reaches it too (the
             # ones started later read the configuration as it is then).
