@@ -259,16 +259,20 @@ class Runtime:
         return salt
 
     async def start(self) -> None:
-        await self.audit.start()
-        await self.stream.start()
+        # A process without an audit writer (a wire worker) has no stream door either: the
+        # stream's audit channel is fed by the writer.
+        if self._writer is not None:
+            await self._writer.start()
+            await self.stream.start()
         await self.rate_limiter.start()
         await asyncio.gather(*(u.start() for u in self.upstreams.values()))
 
     async def close(self) -> None:
         await self.rate_limiter.close()
         await asyncio.gather(*(u.close() for u in [*self.upstreams.values(), *self._retired]))
-        await self.stream.stop()
-        await self.audit.close()
+        if self._writer is not None:
+            await self.stream.stop()
+            await self._writer.close()
 
     # -- requests -------------------------------------------------------------------------------
     async def handle(self, req: Request) -> Request:

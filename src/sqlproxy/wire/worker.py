@@ -120,15 +120,9 @@ class WorkerRuntime(Runtime):
         a = config.auth
         return SharedLockout(self.channel, a.lockout_threshold, a.lockout_window_s, a.lockout_duration_s)
 
-    async def start(self) -> None:
-        # No audit writer and no stream door here: both are the proxy's process's.
-        await self.rate_limiter.start()
-        await asyncio.gather(*(u.start() for u in self.upstreams.values()))
-
     async def close(self) -> None:
-        await self.rate_limiter.close()
-        await asyncio.gather(*(u.close() for u in [*self.upstreams.values(), *self._retired]))
-        await self.forwarder.flush()
+        await super().close()
+        await self.forwarder.flush()  # what the last sessions audited
 
 
 async def _metrics_loop(rt: WorkerRuntime) -> None:
