@@ -742,6 +742,20 @@ def report(
         s = mean(mode, sp)
         print(f"{mode:11} {sp:17} {pgb:>18} {s / mean(mode, pgb):11.3f} {s / mean(mode, 'direct'):8.3f}")
 
+    if any(target == w for _, target in by):
+        print(f"\n== {w} against one process (sqlproxy-tx): TPS ratio, CPU per transaction ==")
+        for mode in (*MODES, "tpcb-simple"):
+            if (mode, w) not in by or (mode, "sqlproxy-tx") not in by:
+                continue
+            cpu = {
+                t: statistics.mean(c for r in by[(mode, t)] if (c := r.cpu_us_per_txn) is not None)
+                for t in (w, "sqlproxy-tx")
+            }
+            print(
+                f"{mode:11} {mean(mode, w) / mean(mode, 'sqlproxy-tx'):6.3f}   "
+                f"{cpu['sqlproxy-tx']:5.0f} -> {cpu[w]:5.0f} us"
+            )
+
     print("\n== audit (full pipeline check) ==")
     for name, (jsonl, total, by_decision) in audit.items():
         expected = sum(
