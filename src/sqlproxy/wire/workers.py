@@ -31,7 +31,8 @@ from sqlproxy.config.loader import Commit
 from sqlproxy.config.models import ProxyConfig
 from sqlproxy.runtime import Runtime
 from sqlproxy.wire.channel import Channel, ChannelClosed
-from sqlproxy.wire.listener import MAX_WORKERS, load_mock_secret, make_ssl_context, worker_of
+from sqlproxy.wire.listener import MAX_WORKERS, load_mock_secret, worker_of
+from sqlproxy.wire.tls import make_ssl_context
 
 log = logging.getLogger(__name__)
 
