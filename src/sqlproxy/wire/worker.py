@@ -110,7 +110,6 @@ class WorkerRuntime(Runtime):
     def __init__(self, holder: ConfigHolder, env: Mapping[str, str], channel: Channel, count: int) -> None:
         self.channel = channel
         self.forwarder = AuditForwarder(channel)
-        self.worker_count = count
         super().__init__(holder, env, audit_queue=self.forwarder)
         # Alone, each worker holds 1/N of every limit (the kernel spreads clients evenly); with
         # distributed rate limiting each worker is a node of the cluster.

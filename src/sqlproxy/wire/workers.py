@@ -1,7 +1,8 @@
 """The wire door as worker processes (``[wire] workers`` > 1), seen from the proxy's process.
 
 Each worker (:mod:`sqlproxy.wire.worker`) binds the wire port with SO_REUSEPORT, so the kernel
-spreads new client connections over them and the door uses as many CPUs as there are workers.
+spreads new client connections over them and the door can use as many CPUs as there are
+workers.
 What must be one for the whole proxy stays here: the audit chain (workers send their records,
 this process seals them in arrival order, exactly as its own), the lockout table (failures from
 every worker and the HTTP door count together; a lock is sent to every worker), the
@@ -24,7 +25,7 @@ import os
 import socket
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from sqlproxy.config.loader import Commit
@@ -52,7 +53,6 @@ class _Worker:
     channel: Channel
     pid: int
     task: asyncio.Task[None] | None = None
-    records: int = field(default=0)
 
 
 class WireWorkers:
@@ -83,6 +83,8 @@ class WireWorkers:
             # ones started later read the configuration as it is then).
             self._listening = True
             self.runtime.config.on_change(self._on_config_change)
+        # Before the first worker too: failures from it while the others start can lock.
+        self._watch_lockout()
         try:
             # The first worker binds (port 0: the kernel picks one); the others join its port.
             for i in range(self.count):
@@ -91,7 +93,6 @@ class WireWorkers:
         except BaseException:
             await self.stop(0)
             raise
-        self._watch_lockout()
         log.info("wire door listening on %s:%s with %d worker processes", self._host, self.port, self.count)
 
     @property
@@ -183,7 +184,6 @@ class WireWorkers:
                     for record in msg[1]:
                         if not audit.try_enqueue(record):
                             await audit.enqueue(record)
-                    w.records += len(msg[1])
                 elif kind == "auth_failure":
                     self._auth_failure(msg[1])
                 elif kind == "auth_reset":
@@ -226,7 +226,6 @@ class WireWorkers:
                 delay = min(delay * 2, _RESTART_MAX_S)
 
     def _auth_failure(self, key: str) -> None:
-        self._watch_lockout()
         self.runtime.users.lockout.record_failure(key)
 
     def _watch_lockout(self) -> None:
