@@ -35,13 +35,15 @@ from tests.fix_proxy import ProxyHarness
 
 
 @dataclass
-class WireHarness:
-    server: WireServer
+class WireClients:
+    """libpq settings (a DSN, a URL, PG* variables) for the demo users against a wire door;
+    ``port`` is the door's."""
+
     passwords: dict[str, str]
 
     @property
     def port(self) -> int:
-        return self.server.bound_port
+        raise NotImplementedError
 
     def dsn(self, user: str = "analyst", *, password: str | None = None, **extra: str) -> str:
         pw = self.passwords[user] if password is None else password
@@ -70,6 +72,15 @@ class WireHarness:
             "PGCONNECT_TIMEOUT": "10",
         }
 
+
+@dataclass
+class WireHarness(WireClients):
+    server: WireServer
+
+    @property
+    def port(self) -> int:
+        return self.server.bound_port
+
     def backends_in_use(self) -> int:
         return sum(p.in_use for p in self.server.pools.values())
 
@@ -78,7 +89,7 @@ async def _start(proxy: ProxyHarness, passwords: dict[str, str], **overrides: An
     cfg = proxy.runtime.config.current.wire.model_copy(update=overrides)
     server = WireServer(proxy.runtime, host="127.0.0.1", port=0, config=cfg)
     await server.start()
-    return WireHarness(server, passwords)
+    return WireHarness(passwords=passwords, server=server)
 
 
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
@@ -130,7 +141,7 @@ async def wire_following(proxy: ProxyHarness, demo_passwords: dict[str, str]) ->
         reload_wire(rt, **settings)
         server = WireServer(rt, host="127.0.0.1", port=0)
         await server.start()
-        made.append(WireHarness(server, demo_passwords))
+        made.append(WireHarness(passwords=demo_passwords, server=server))
         return made[-1]
 
     try:

@@ -329,7 +329,7 @@ async def test_client_behind_a_dead_path_is_dropped_with_its_transaction(
     )
     server = WireServer(proxy.runtime, host=cut_path.near, port=0, config=cfg)
     await server.start()
-    h = WireHarness(server, demo_passwords)
+    h = WireHarness(passwords=demo_passwords, server=server)
     sock = cut_path.socket_in_far()
     raw: RawClient | None = None
     try:

@@ -25,38 +25,18 @@ from sqlproxy.runtime import Runtime
 from sqlproxy.wire.listener import worker_of
 from sqlproxy.wire.workers import WireWorkers
 from tests.audit_checks import verify_trail
-from tests.fix_wire import run_pgbench_script
+from tests.fix_wire import WireClients, run_pgbench_script
 
 
 @dataclass
-class Workers:
+class Workers(WireClients):
     runtime: Runtime
     door: WireWorkers
     state: Path
-    passwords: dict[str, str]
 
-    def dsn(self, user: str = "analyst", *, password: str | None = None, **extra: str) -> str:
-        parts = {
-            "host": "127.0.0.1",
-            "port": str(self.door.bound_port),
-            "dbname": "demo",
-            "user": user,
-            "password": self.passwords[user] if password is None else password,
-            "sslmode": "disable",
-            "connect_timeout": "10",
-            **extra,
-        }
-        return " ".join(f"{k}='{v}'" for k, v in parts.items())
-
-    def env(self, user: str) -> dict[str, str]:
-        return {
-            "PGHOST": "127.0.0.1",
-            "PGPORT": str(self.door.bound_port),
-            "PGUSER": user,
-            "PGPASSWORD": self.passwords[user],
-            "PGDATABASE": "demo",
-            "PGSSLMODE": "disable",
-        }
+    @property
+    def port(self) -> int:
+        return self.door.bound_port
 
     async def connect(self, user: str = "analyst", **kw: Any) -> psycopg.AsyncConnection[Any]:
         return await psycopg.AsyncConnection.connect(self.dsn(user), autocommit=True, **kw)
@@ -112,7 +92,7 @@ async def _start(
     except BaseException:
         await runtime.close()
         raise
-    return Workers(runtime, door, state, passwords)
+    return Workers(passwords=passwords, runtime=runtime, door=door, state=state)
 
 
 async def _stop(w: Workers) -> None:
@@ -407,17 +387,13 @@ async def test_a_port_taken_by_another_program_fails_the_start_cleanly(
 def _my_worker_processes() -> list[int]:
     """Worker processes (not yet reaped included) whose parent is this test process."""
     found = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
+    for pid in _children(os.getpid()):
         try:
-            cmd = (d / "cmdline").read_bytes()
-            ppid = int((d / "stat").read_text().rpartition(")")[2].split()[1])
-        except (OSError, ValueError, IndexError):
+            if b"sqlproxy.wire.worker" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.append(pid)
+        except OSError:
             continue
-        if b"sqlproxy.wire.worker" in cmd and ppid == os.getpid():
-            found.append(int(d.name))
-    return found
+    return sorted(found)
 
 
 async def test_tls_on_every_worker_and_a_broken_reload_reaches_none(
