@@ -33,7 +33,11 @@ class Channel:
 
     @classmethod
     async def open(cls, sock: socket.socket) -> Channel:
-        reader, writer = await asyncio.open_unix_connection(sock=sock, limit=MAX_FRAME)
+        # The reader's limit is how much it reads ahead of recv() before it stops reading the
+        # socket (twice the limit): small, so that a receiver that stops calling recv (the
+        # proxy's audit queue is full) holds the sender back within a few MiB. readexactly
+        # reads frames larger than that all the same.
+        reader, writer = await asyncio.open_unix_connection(sock=sock, limit=HIGH_WATER)
         writer.transport.set_write_buffer_limits(high=HIGH_WATER)
         return cls(reader, writer)
 
