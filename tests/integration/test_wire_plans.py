@@ -104,6 +104,30 @@ async def test_lineage_classification_and_masked_statements(planned: Planned) ->
     assert [r.sql for r in recs] == [f"SELECT id, email FROM customers WHERE id = {i}" for i in (1, 2, 3)]
 
 
+async def test_extended_protocol_records_carry_the_same_classification(planned: Planned) -> None:
+    """A statement with parameters (the extended protocol: psycopg with arguments, asyncpg,
+    JDBC) is classified by lineage once, at Parse, and each Execute's record carries it, as a
+    simple-protocol record of the same query does."""
+    p = planned
+    sql = "SELECT id, email AS contact FROM customers WHERE id = $1"
+    async with await psycopg.AsyncConnection.connect(p.dsn("developer"), autocommit=True) as conn:
+        for i in (1, 2):
+            cur = await conn.execute(sql.replace("$1", "%s"), (i,))
+            assert (await cur.fetchone()) is not None
+            # The client says nothing more for now: its Execute's record is written all the same.
+            so_far = await p.records("developer", 10)
+            assert [(r.sql, r.extra.get("protocol")) for r in so_far] == [(sql, "extended")] * i
+        cur = await conn.execute("SELECT id, email AS contact FROM customers WHERE id = 3", prepare=False)
+        assert (await cur.fetchone()) is not None
+    # In the order they ran: an Execute's record is queued when it completes, not when the
+    # client sends its next message.
+    *extended, simple = await p.records("developer", 3)
+    assert [r.extra.get("protocol") for r in extended] == ["extended", "extended"]
+    assert simple.extra.get("protocol") != "extended"
+    for r in (*extended, simple):
+        assert r.classifications == {"contact": ["PII.Email"]}, r
+
+
 async def test_row_filter_holds_on_planned_statements(planned: Planned) -> None:
     """The analyst sees customers of region "eu" only (demo row filter): planned statements of one shape
     keep the filter, each with its own constant."""

@@ -77,6 +77,9 @@ class Prepared:
     rewritten: bool = False
     pin: bool = False
     sets: bool = False
+    # By lineage, per statement (the wire door forwards rows without reading them): what the
+    # audit record of each Execute carries, as the simple protocol's records do.
+    classifications: list[dict[str, list[str]]] = field(default_factory=list)
     # The Parse message that prepares it as the unnamed statement, made once.
     unnamed_parse: bytes = b""
 
@@ -110,6 +113,7 @@ class Decider:
             req.error = e if isinstance(e, ProxyError) else ProxyError(f"internal error: {type(e).__name__}")
             raise req.error from None
         a = req.analysis
+        classify = self.rt.classifier.classify
         upstream = (req.statements[0] if req.rewritten else sql).encode("utf-8")
         return Prepared(
             sql=sql,
@@ -123,4 +127,5 @@ class Decider:
             rewritten=req.rewritten,
             pin=pins(a),
             sets=any(st.kind is StatementKind.SET for st in a.statements),
+            classifications=[classify(st.outputs) if st.outputs else {} for st in a.statements],
         )

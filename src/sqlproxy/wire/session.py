@@ -760,6 +760,29 @@ class WireSession(asyncio.Protocol, PumpOwner):
 
     def execute_done(self, req: Request) -> None:
         self._audits.append(req)
+        if self._reading:
+            try:
+                queued = self._queue_audits_now()
+            except Exception:
+                queued = False  # met again by the session's own flush, in its task
+            if not queued:
+                # The audit queue is full: the session waits on it (holding back this client).
+                self.wake()
+
+    def _queue_audits_now(self) -> bool:
+        """Queue the records of finished Executes without waiting; False when the audit queue
+        is full. Called as each Execute completes while the session waits for its client, who
+        may stay silent for hours: the record must not wait for the client's next message
+        (it would be sealed late, after later statements' records, and lost with the process)."""
+        rt = self.rt
+        audits = self._audits
+        while audits:
+            req = audits[0]
+            if not rt.audit_queue.try_enqueue(rt.audit_record(req)):
+                return False
+            audits.popleft()
+            rt.metrics.observe_request(req)
+        return True
 
     async def _flush_audits(self) -> None:
         """Queue the audit records the Executes left. No await unless the audit queue is full;
@@ -1266,6 +1289,7 @@ class WireSession(asyncio.Protocol, PumpOwner):
         req.decision = p.decision
         req.statements = p.statements
         req.rewritten = p.rewritten
+        req.classifications = p.classifications
         req.extra["protocol"] = "extended"
         return req
 
