@@ -1044,3 +1044,33 @@ def test_copy_to_reads_like_select() -> None:
         ALICE, "prod", _copy("to", rel(ORDERS, A.READ, "id"))
     )
     assert not blocked.allowed and blocked.rule == "no-copy"
+
+
+def test_cursors_read_like_select() -> None:
+    """DECLARE ... CURSOR FOR a SELECT is decided as that SELECT (masks included); FETCH, MOVE and
+    CLOSE pass a select gate; a gate naming "cursor" can block cursors; "*" rules cover them."""
+    reader = rule("read-orders", users=["alice"], table="orders", access=["read"], statements=["select"])
+    mask = rule("mask-total", "mask", users=["alice"], table="orders", columns=["total"], mask="redact")
+    eng = PolicyEngine([reader, mask], [])
+    declare = an(stmt(K.CURSOR, rel(ORDERS, A.READ, "id", "total")))
+    out = eng.decide(ALICE, "prod", declare)
+    assert out.allowed and out.masks == {ColumnSource(ORDERS, "total"): MaskKind.REDACT}
+    # The same cursor over a table the reader may not see is denied by default.
+    other = eng.decide(ALICE, "prod", an(stmt(K.CURSOR, rel(CUSTOMERS, A.READ, "email"))))
+    assert not other.allowed and other.rule == DEFAULT_DENY
+    # A cursor FOR UPDATE asks for update, which a select rule never grants.
+    locking = an(stmt(K.CURSOR, rel(ORDERS, A.READ, "id"), rel(ORDERS, A.UPDATE)))
+    assert not eng.decide(ALICE, "prod", locking).allowed
+    # FETCH / CLOSE touch no relation: without a gate they are denied, with a select gate allowed.
+    fetch = an(stmt(K.CURSOR))
+    assert not eng.decide(ALICE, "prod", fetch).allowed
+    assert PolicyEngine([reader, SELECT_GATE], []).decide(ALICE, "prod", fetch).allowed
+    # A database-wide "*" rule covers cursors (they are not "other").
+    assert PolicyEngine([ADMIN_ALL], []).decide(ALICE, "prod", declare).allowed
+    assert PolicyEngine([ADMIN_ALL], []).decide(ALICE, "prod", fetch).allowed
+    # A gate blocking "cursor" stops them whatever the table rules say; a DML rule never opens one.
+    no_cursor = rule("no-cursors", "block", users=["*"], statements=["cursor"])
+    blocked = PolicyEngine([reader, SELECT_GATE, no_cursor], []).decide(ALICE, "prod", declare)
+    assert not blocked.allowed and blocked.rule == "no-cursors"
+    writer = rule("write-orders", users=["alice"], table="orders", access=["*"], statements=["dml"])
+    assert not PolicyEngine([writer], []).decide(ALICE, "prod", declare).allowed

@@ -163,7 +163,11 @@ KIND_CASES = [
     ("CREATE FUNCTION f() RETURNS int LANGUAGE sql AS 'SELECT 1'", StatementKind.DDL),
     ("MERGE INTO orders USING customers c ON false WHEN MATCHED THEN DELETE", StatementKind.MERGE),
     ("COPY orders TO STDOUT", StatementKind.COPY),
-    ("FETCH 10 FROM c", StatementKind.OTHER),
+    ("DECLARE c CURSOR FOR SELECT 1", StatementKind.CURSOR),
+    ("FETCH 10 FROM c", StatementKind.CURSOR),
+    ("MOVE FORWARD 3 IN c", StatementKind.CURSOR),
+    ("CLOSE c", StatementKind.CURSOR),
+    ("CLOSE ALL", StatementKind.CURSOR),
 ]
 
 
@@ -352,6 +356,38 @@ def test_prepare_analyses_inner_statement() -> None:
     assert s.kind is StatementKind.PREPARE
     assert s.inner_kind is StatementKind.DELETE
     assert ("public.employees", "delete") in uses(s)
+
+
+def test_declare_cursor_reads_its_query_with_lineage() -> None:
+    s = one("DECLARE c NO SCROLL CURSOR FOR SELECT id, email AS e FROM customers WHERE id > $1")
+    assert s.kind is StatementKind.CURSOR
+    assert s.inner_kind is StatementKind.SELECT
+    assert s.executes_inner is True
+    assert s.holds_cursor is False
+    assert uses(s) == {("public.customers", "read")}
+    assert cols(s, "public.customers", Access.READ) == {"id", "email"}
+    # The rows its FETCHes return derive from the query's columns (classification by lineage).
+    assert [(o.name, {c.column for c in o.sources}) for o in s.outputs] == [("id", {"id"}), ("e", {"email"})]
+
+
+def test_declare_cursor_with_hold_and_for_update() -> None:
+    s = one("DECLARE c CURSOR WITH HOLD FOR SELECT * FROM orders")
+    assert s.holds_cursor is True
+    assert one("DECLARE c CURSOR WITHOUT HOLD FOR SELECT * FROM orders").holds_cursor is False
+    # A cursor that locks rows asks for UPDATE, as PostgreSQL does.
+    assert ("public.orders", "update") in uses(one("DECLARE c CURSOR FOR SELECT * FROM orders FOR UPDATE"))
+
+
+def test_fetch_move_close_touch_no_relation() -> None:
+    for sql in ("FETCH ALL FROM c", "MOVE LAST IN c", "CLOSE c", "CLOSE ALL"):
+        s = one(sql)
+        assert (s.kind, s.relations, s.outputs, s.dangers, s.holds_cursor) == (
+            StatementKind.CURSOR,
+            (),
+            (),
+            frozenset(),
+            False,
+        )
 
 
 def test_create_view_reports_inner_reads() -> None:

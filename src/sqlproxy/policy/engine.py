@@ -35,7 +35,12 @@ rule limited to ``select`` statements never authorizes a write hidden in one. Na
 does insert (and update, for ON CONFLICT DO UPDATE), UPDATE update, DELETE delete, MERGE insert,
 update and delete, COPY insert, TRUNCATE truncate, DDL and GRANT ddl. ``COPY ... TO`` (table or
 query, to the client) is a read: it matches rules for ``copy``, ``select`` or ``read``, its
-natural access is read, and masks and row filters apply to it as to a SELECT.
+natural access is read, and masks and row filters apply to it as to a SELECT. Cursors (kind
+``cursor``) likewise: ``DECLARE c CURSOR FOR SELECT ...`` matches rules for ``cursor``,
+``select`` or ``read`` and its query's accesses are decided as that SELECT's would be (a
+``FOR UPDATE`` cursor still needs update); ``FETCH``, ``MOVE`` and ``CLOSE`` touch no relation
+and pass a gate that allows ``select`` (or ``cursor``) statements, since they only step through
+rows their DECLARE was allowed to read.
 
 **Specificity.** The winner is the candidate with the highest key
 ``(column, table, schema, database, principal)`` compared in that order, where each scope level
@@ -328,6 +333,7 @@ _NATURAL_WRITES: Final[dict[StatementKind, frozenset[Access]]] = {
 }
 _KIND_ACCESS: Final[dict[StatementKind, str]] = {
     StatementKind.SELECT: Access.READ.value,
+    StatementKind.CURSOR: Access.READ.value,
     StatementKind.INSERT: Access.INSERT.value,
     StatementKind.UPDATE: Access.UPDATE.value,
     StatementKind.DELETE: Access.DELETE.value,
@@ -342,6 +348,11 @@ def _kind_keys(kind: StatementKind) -> frozenset[str]:
 
 
 _KEYS: Final = {k: _kind_keys(k) for k in StatementKind}
+# A cursor is read through as its query would be: a rule for "select" (or "read") statements
+# covers DECLARE ... CURSOR FOR a SELECT it allows and the FETCH/MOVE/CLOSE that step through it,
+# as PostgreSQL asks no privilege beyond the query's; a rule naming "cursor" matches them too (so
+# `statements = ["cursor"], action = "block"` stops cursors).
+_KEYS[StatementKind.CURSOR] = frozenset({StatementKind.CURSOR.value, StatementKind.SELECT.value, "read"})
 
 
 def _access_keys(kind: StatementKind, access: Access) -> frozenset[str]:

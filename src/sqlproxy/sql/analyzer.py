@@ -15,8 +15,9 @@ on them; stricter readings are preferred wherever the two differ):
 - A view is reported as READ of the view itself; the base tables it reads are the view owner's
   business and appear only as ``outputs`` lineage (followed through the view definition).
 - SELECT ... INTO is DDL (it creates a table) with ``inner_kind`` SELECT.
-- DECLARE CURSOR is OTHER with the query's relations, ``inner_kind`` SELECT and
-  ``executes_inner``; FETCH is OTHER and its rows are not described.
+- DECLARE CURSOR is CURSOR with the query's relations and output lineage (the rows its FETCHes
+  will return), ``inner_kind`` SELECT, ``executes_inner`` and ``holds_cursor`` for WITH HOLD;
+  FETCH, MOVE and CLOSE are CURSOR without relations, and FETCH's rows are not described.
 - RESET ALL and DISCARD ALL reset search_path to ``default_search_path`` and are marked
   ``set_role`` (they also reset the role).
 - Statement types the analyser does not know are OTHER, with every relation named inside them as
@@ -33,7 +34,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pglast import ast
-from pglast.enums import DiscardMode, DropBehavior, ObjectType, ReindexObjectType, VariableSetKind
+from pglast.enums import (
+    CURSOR_OPT_HOLD,
+    DiscardMode,
+    DropBehavior,
+    ObjectType,
+    ReindexObjectType,
+    VariableSetKind,
+)
 from pglast.parser import ParseError, fingerprint, normalize, parse_sql
 
 from sqlproxy.sql.catalog import Catalog
@@ -130,6 +138,7 @@ class _Statement:
     new_path: tuple[str, ...] | None = None
     inner_kind: StatementKind | None = None
     executes_inner: bool = False
+    holds_cursor: bool = False
 
     def __post_init__(self) -> None:
         self.walker = QueryWalker(self.catalog, self.search_path, self.acc)
@@ -159,6 +168,7 @@ class _Statement:
             search_path=self.new_path,
             inner_kind=self.inner_kind,
             executes_inner=self.executes_inner,
+            holds_cursor=self.holds_cursor,
         )
 
     # ------------------------------------------------------------------ helpers
@@ -274,8 +284,10 @@ class _Statement:
         self.generic(node.argtypes)
 
     def on_DeclareCursorStmt(self, node: ast.DeclareCursorStmt) -> None:
-        self.inner(node.query)
+        inner = self.inner(node.query)
+        self.outputs = [Col(o.name, o.sources, o.direct) for o in inner.outputs]
         self.executes_inner = True
+        self.holds_cursor = bool((node.options or 0) & CURSOR_OPT_HOLD)
 
     def on_CreateTableAsStmt(self, node: ast.CreateTableAsStmt) -> None:
         if node.into is not None:

@@ -47,6 +47,7 @@ class StatementKind(StrEnum):
         "maintenance"  # VACUUM / ANALYZE / CLUSTER / REINDEX / CHECKPOINT / REFRESH MATERIALIZED VIEW
     )
     DISCARD = "discard"
+    CURSOR = "cursor"  # DECLARE ... CURSOR FOR <query> / FETCH / MOVE / CLOSE
     OTHER = "other"
 
 
@@ -61,6 +62,8 @@ CATEGORY: dict[StatementKind, str] = {
     StatementKind.DDL: "ddl",
     StatementKind.TRUNCATE: "ddl",
     StatementKind.GRANT: "ddl",
+    # A cursor reads: DECLARE runs its query, FETCH/MOVE/CLOSE only step through what it found.
+    StatementKind.CURSOR: "read",
 }
 
 
@@ -148,6 +151,8 @@ class StatementAnalysis:
     inner_kind: StatementKind | None = None
     # True for EXPLAIN ANALYZE and other wrappers that really run the inner statement.
     executes_inner: bool = False
+    # DECLARE ... WITH HOLD: the cursor outlives its transaction, in the server session.
+    holds_cursor: bool = False
 
     @property
     def category(self) -> str:

@@ -54,7 +54,9 @@ def pins(analysis: Analysis | None) -> bool:
     if analysis is None:
         return False
     for st in analysis.statements:
-        if st.kind in PIN_KINDS:
+        # A WITH HOLD cursor lives on in the server session after its transaction; any other
+        # cursor ends with the transaction, during which the client keeps its connection.
+        if st.kind in PIN_KINDS or st.holds_cursor:
             return True
         for fn in st.functions:
             if fn.rsplit(".", 1)[-1].startswith(_PIN_FUNCTIONS):
