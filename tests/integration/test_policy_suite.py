@@ -79,6 +79,11 @@ CASES: list[tuple[str, str, bool, str]] = [
     ("analyst", "SELECT PG_CATALOG.PG_LS_DIR('.')", DENY, "default-deny"),
     ("analyst", "SELECT query_to_xml('select * from employees', true, true, '')", DENY, "default-deny"),
     ("analyst", "SELECT set_config('search_path', 'evil', false)", DENY, "default-deny"),
+    ("analyst", "SELECT set_config('role', 'postgres', false)", DENY, "default-deny"),
+    ("analyst", "SELECT set_config('sqlproxy.user', 'admin', true)", DENY, "default-deny"),
+    ("analyst", "SELECT set_config($$ROLE$$, 'postgres', true)", DENY, "default-deny"),
+    # The function form of a plain SET is decided as SET (the demo lets everyone SET).
+    ("analyst", "SELECT set_config('statement_timeout', '5s', true)", ALLOW, "session-utility"),
     ("analyst", "SELECT lo_import('/etc/passwd')", DENY, "default-deny"),
     ("analyst", "DO $$ BEGIN DELETE FROM orders; END $$", DENY, "default-deny"),
     ("analyst", "COPY orders TO '/tmp/orders.csv'", DENY, "default-deny"),

@@ -113,8 +113,7 @@ async def test_asyncpg_prepared_transactions_cursors(wire: WireHarness) -> None:
                 "INSERT INTO orders (id, customer_id, total) "
                 "SELECT id, customer_id, total FROM orders LIMIT 1"
             )
-        # Binary codecs both ways. (Types asyncpg must introspect, such as arrays, make it run
-        # set_config('jit', ...), which the demo policy treats as a dangerous function.)
+        # Binary codecs both ways.
         vals = await conn.fetch(
             "SELECT $1::int8 AS a, $2::numeric AS n, $3::bytea AS b, $4::timestamptz AS t",
             2**40,
@@ -124,6 +123,24 @@ async def test_asyncpg_prepared_transactions_cursors(wire: WireHarness) -> None:
         )
         assert vals[0]["a"] == 2**40 and vals[0]["b"] == b"\x00\x01" and float(vals[0]["n"]) == 1.25
         assert vals[0]["t"] == datetime(2024, 1, 2, 3, 4, 5, tzinfo=UTC)
+    finally:
+        await conn.close()
+
+
+async def test_asyncpg_types_it_must_introspect(wire: WireHarness) -> None:
+    """asyncpg looks up types it has no codec for (int[], numeric[], enums, domains) with its own
+    queries, turning jit off around them with set_config('jit', ...): decided as SET, which the
+    demo lets everyone run, so an analyst's array parameter works; set_config of the role does not."""
+    conn = await asyncpg.connect(wire.url("analyst"))
+    try:
+        assert await conn.fetchval("SELECT $1::int[]", [1, 2, 3]) == [1, 2, 3]
+        nums = await conn.fetchval("SELECT $1::numeric[]", [1, 2.5])
+        assert [float(n) for n in nums] == [1.0, 2.5]
+        rows = await conn.fetch("SELECT id FROM customers WHERE id = ANY($1::int[]) ORDER BY id", [1, 2, 3])
+        assert all(r["id"] in (1, 2, 3) for r in rows)
+        with pytest.raises(asyncpg.exceptions.InsufficientPrivilegeError):
+            await conn.fetchval("SELECT set_config('role', 'postgres', false)")
+        assert await conn.fetchval("SELECT current_setting('sqlproxy.user')") == "analyst"
     finally:
         await conn.close()
 

@@ -1074,3 +1074,41 @@ def test_cursors_read_like_select() -> None:
     assert not blocked.allowed and blocked.rule == "no-cursors"
     writer = rule("write-orders", users=["alice"], table="orders", access=["*"], statements=["dml"])
     assert not PolicyEngine([writer], []).decide(ALICE, "prod", declare).allowed
+
+
+def _set_config(*settings: str, functions: tuple[str, ...] = ()) -> Analysis:
+    base = stmt(K.SELECT, functions=functions)
+    return Analysis(
+        statements=(
+            StatementAnalysis(
+                index=0,
+                kind=K.SELECT,
+                functions=base.functions,
+                settings=frozenset(settings),
+                literal_bound=True,
+            ),
+        ),
+        fingerprint="x",
+        normalized="x",
+    )
+
+
+def test_set_config_of_a_plain_setting_is_decided_as_set() -> None:
+    select_gate = rule("select-gate", users=["*"], statements=["select"])
+    set_gate = rule("set-gate", users=["*"], statements=["set"])
+    jit = _set_config("jit", functions=("current_setting",))
+    # Without a rule for SET it is denied, naming what to add.
+    denied = PolicyEngine([select_gate], []).decide(ALICE, "prod", jit)
+    assert not denied.allowed and denied.rule == DEFAULT_DENY and "'set'" in denied.reason
+    # With one it is allowed, and the rule is listed as used.
+    out = PolicyEngine([select_gate, set_gate], []).decide(ALICE, "prod", jit)
+    assert out.allowed and "set-gate" in out.rules_used
+    # A database-wide "*" rule allows SET, so it allows this too.
+    assert PolicyEngine([ADMIN_ALL], []).decide(ALICE, "prod", jit).allowed
+    # Blocking SET blocks it.
+    no_set = rule("no-set-for-analysts", "block", roles=["analyst"], statements=["set"])
+    blocked = PolicyEngine([select_gate, set_gate, no_set], []).decide(ALICE, "prod", jit)
+    assert not blocked.allowed and blocked.rule == "no-set-for-analysts"
+    # The function form the analyser left as a function (role, search_path, ...) is still dangerous.
+    role = _set_config(functions=("set_config",))
+    assert not PolicyEngine([select_gate, set_gate, ADMIN_ALL], []).decide(ALICE, "prod", role).allowed

@@ -248,6 +248,39 @@ def test_functions_everywhere() -> None:
     }
 
 
+SET_CONFIG_CASES = [
+    # (sql, functions recorded, settings recorded)
+    (
+        "SELECT current_setting('jit') AS cur, set_config('jit', 'off', false) AS new",
+        {"current_setting"},
+        {"jit"},
+    ),
+    ("SELECT pg_catalog.set_config('Work_Mem'::text, $1, false)", set(), {"work_mem"}),
+    ("SELECT * FROM set_config('statement_timeout', '5s', true)", set(), {"statement_timeout"}),
+    ("SELECT set_config('app.tenant', $1, true)", set(), {"app.tenant"}),
+    # Identity and search_path changes, and names that are not literals, stay the dangerous function.
+    ("SELECT set_config('role', 'admin', false)", {"set_config"}, set()),
+    ("SELECT set_config('SESSION_AUTHORIZATION', 'admin', false)", {"set_config"}, set()),
+    ("SELECT set_config('search_path', 'evil', false)", {"set_config"}, set()),
+    ("SELECT set_config('sqlproxy.user', 'admin', true)", {"set_config"}, set()),
+    ("SELECT set_config('SQLPROXY.USER', 'admin', true)", {"set_config"}, set()),
+    ("SELECT set_config($1, 'x', false)", {"set_config"}, set()),
+    ("SELECT set_config(lower('ROLE'), 'x', false)", {"set_config", "lower"}, set()),
+    ("SELECT set_config('', 'x', false)", {"set_config"}, set()),
+    # A user's function of the same name is a user's function.
+    ("SELECT app.set_config('role', 'x', false)", {"app.set_config"}, set()),
+]
+
+
+@pytest.mark.parametrize(("sql", "functions", "settings"), SET_CONFIG_CASES)
+def test_set_config_with_a_literal_name_is_a_setting(
+    sql: str, functions: set[str], settings: set[str]
+) -> None:
+    s = one(sql)
+    assert (set(s.functions), set(s.settings)) == (functions, settings)
+    assert s.literal_bound is (not sql.startswith("SELECT app."))
+
+
 def test_functions_in_ddl_defaults_and_call() -> None:
     assert "nextval" in one("CREATE TABLE x (id int DEFAULT nextval('s'))").functions
     assert (

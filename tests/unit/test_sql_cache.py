@@ -51,6 +51,22 @@ def test_set_statements_never_share_an_entry_across_literals() -> None:
     assert cache.hits == 1
 
 
+def test_set_config_calls_never_share_an_entry_across_literals() -> None:
+    """set_config('jit', ...) is a plain SET and set_config('role', ...) an identity change: the
+    same shape, told apart by a literal, so neither may answer for the other."""
+    cache = AnalysisCache(16)
+    jit = cache.get_or_analyze("SELECT set_config('jit', 'off', false)", CAT, PATH)
+    role = cache.get_or_analyze("SELECT set_config('role', 'admin', false)", CAT, PATH)
+    assert cache.misses == 2
+    assert (jit.statements[0].settings, jit.statements[0].functions) == (frozenset({"jit"}), frozenset())
+    assert (role.statements[0].settings, role.statements[0].functions) == (
+        frozenset(),
+        frozenset({"set_config"}),
+    )
+    again = cache.get_or_analyze("SELECT set_config('role', 'admin', false)", CAT, PATH)
+    assert again is role and cache.hits == 1
+
+
 def test_copy_and_explain_are_keyed_by_exact_text() -> None:
     cache = AnalysisCache(16)
     a = cache.get_or_analyze("COPY orders TO STDOUT", CAT, PATH)

@@ -322,7 +322,7 @@ _SESSION_FUNCTIONS = (
 
 def may_change_session(analysis: Analysis) -> bool:
     for st in analysis.statements:
-        if st.kind not in _SESSION_NEUTRAL or st.dangers:
+        if st.kind not in _SESSION_NEUTRAL or st.dangers or st.settings:
             return True
         for fn in st.functions:
             name = fn.rsplit(".", 1)[-1]

@@ -24,7 +24,9 @@ Dangerous functions, by why they are dangerous:
 * **Change streams.** ``pg_logical_slot_*`` and the replication-slot functions read every change
   in the database, outside table policy, and slots pin WAL (disk exhaustion).
 * **Session and server control.** ``set_config`` (the function form of SET: it would bypass a
-  rule on SET, e.g. of ``search_path`` or ``role``), configuration reload, log rotation, backend
+  rule on SET, e.g. of ``search_path`` or ``role``; a call naming a plain setting as a literal
+  is not recorded as this function but decided as that SET, see ``sql.walker.plain_setting``),
+  configuration reload, log rotation, backend
   termination and cancellation, promotion, WAL switching, backups and restore points, statistics
   resets, replication origins, WAL replay control, ``pg_notify`` (the function form of NOTIFY),
   ``pg_log_backend_memory_contexts``, ``pg_import_system_collations``, ``binary_upgrade_*``.

@@ -71,6 +71,12 @@ none, so only ``*`` matches). Transaction control is allowed like any kind: one 
 ``statements = ["transaction"]``. Statements that do touch relations must not be blocked by a
 gate, and need their relation accesses allowed.
 
+**set_config** with the setting's name as a literal (``SELECT set_config('jit', 'off', false)``,
+which asyncpg sends before it introspects a type) is decided as ``SET jit`` would be: it needs a
+database-level rule whose ``statements`` match ``set`` (a BLOCK there blocks it), and the
+function rules are not consulted. ``role``, ``session_authorization``, ``search_path``,
+``sqlproxy.*`` and a name that is not a literal leave it the dangerous function it is.
+
 **Unknown statements** (kind ``other``) are never matched by ``*``: a rule must name ``other``.
 
 **Dangers.** ``*`` never matches a danger marker. Each marker of a statement needs a database-
@@ -352,6 +358,7 @@ _KEYS: Final = {k: _kind_keys(k) for k in StatementKind}
 # covers DECLARE ... CURSOR FOR a SELECT it allows and the FETCH/MOVE/CLOSE that step through it,
 # as PostgreSQL asks no privilege beyond the query's; a rule naming "cursor" matches them too (so
 # `statements = ["cursor"], action = "block"` stops cursors).
+_SET_KEYS: Final = _KEYS[StatementKind.SET]
 _KEYS[StatementKind.CURSOR] = frozenset({StatementKind.CURSOR.value, StatementKind.SELECT.value, "read"})
 
 
@@ -573,11 +580,35 @@ class PolicyEngine:
                 raise _Deny(DEFAULT_DENY, f"no rule allows {_where(st)} on database {database!r}")
             used[best[0].name] = None
 
+        if st.settings:
+            self._settings(view, database, st, used)
+
         for fn in sorted(st.functions):
             self._function(view, database, fn, st, used)
 
         for ra in st.relations:
             self._relation(view, database, st, ra, used, masks)
+
+    def _settings(self, view: _View, database: str, st: StatementAnalysis, used: dict[str, None]) -> None:
+        """set_config('name', ...) of a plain setting is decided as ``SET name`` would be: by
+        the database-level rules for "set" statements, most specific first, BLOCK on ties."""
+        best: _Rule | None = None
+        best_key: tuple[int, int, int] | None = None
+        for r, ps in (*view.gates, *view.dbwide):
+            if r.database.match(database) and r.statements_match(_SET_KEYS, True) and r.access_match(None):
+                k = (r.database.score, ps, r.rank)
+                if best_key is None or k > best_key:
+                    best, best_key = r, k
+        names = ", ".join(sorted(st.settings))
+        if best is None:
+            raise _Deny(
+                DEFAULT_DENY,
+                f"no rule allows set_config of {names} ({_where(st)}): it is decided as SET, "
+                "which needs a rule naming 'set' in statements",
+            )
+        if best.action is not Action.ALLOW:
+            raise _Deny(best.name, f"set_config of {names} ({_where(st)}) is blocked, as SET is")
+        used[best.name] = None
 
     def _danger(
         self, view: _View, database: str, marker: str, st: StatementAnalysis, used: dict[str, None]

@@ -169,6 +169,8 @@ class _Statement:
             inner_kind=self.inner_kind,
             executes_inner=self.executes_inner,
             holds_cursor=self.holds_cursor,
+            settings=frozenset(self.acc.settings),
+            literal_bound=self.acc.literal_bound,
         )
 
     # ------------------------------------------------------------------ helpers
@@ -218,6 +220,8 @@ class _Statement:
             self.acc.access(rel.table, rel.access, rel.columns, known=rel.known)
         self.acc.functions |= inner.functions
         self.acc.dangers |= inner.dangers
+        self.acc.settings |= inner.settings
+        self.acc.literal_bound = self.acc.literal_bound or inner.literal_bound
         self.inner_kind = inner.kind
         return inner
 

@@ -3,8 +3,9 @@
 Lookup order: the exact text (cheap, and the only key for statements whose analysis depends on
 literals), then ``normalize(sql)`` (literals replaced by ``$n``, ~6 µs against ~100-500 µs for a
 parse and analysis). An analysis is stored under the normalized text only when every statement
-is plain SELECT/INSERT/UPDATE/DELETE/MERGE: for utility statements literals matter (``SET
-search_path = x`` normalizes to ``SET search_path = $1``, COPY names files, EXPLAIN options...).
+is plain SELECT/INSERT/UPDATE/DELETE/MERGE whose analysis read no literal: for utility statements
+literals matter (``SET search_path = x`` normalizes to ``SET search_path = $1``, COPY names
+files, EXPLAIN options...), and so does the setting a ``set_config('name', ...)`` call names.
 ``fingerprint`` is never a key: it ignores column aliases, which change ``outputs``.
 
 Every key also holds the search_path (it decides which relation a name means) and the catalog
@@ -36,7 +37,9 @@ _Key = tuple[str, str, tuple[str, ...], tuple[str, ...], int]
 
 
 def shape_cacheable(analysis: Analysis) -> bool:
-    return bool(analysis.statements) and all(s.kind in SHAPE_CACHEABLE for s in analysis.statements)
+    return bool(analysis.statements) and all(
+        s.kind in SHAPE_CACHEABLE and not s.literal_bound for s in analysis.statements
+    )
 
 
 class AnalysisCache:

@@ -38,6 +38,9 @@ unanalyzed             a statement or FROM item whose node type the analyser doe
 
 ``set_config('search_path', ...)`` is a plain function call: it appears in ``functions`` and the
 policy layer denies ``set_config`` by default; the analyser cannot follow a path set that way.
+So does a set_config of ``role``, ``session_authorization`` or ``sqlproxy.*``, or of a name that
+is not a literal. ``set_config('jit', 'off', false)`` (a literal, plain setting) is recorded in
+``settings`` instead, and decided as ``SET jit``.
 """
 
 from __future__ import annotations

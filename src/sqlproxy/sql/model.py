@@ -153,6 +153,12 @@ class StatementAnalysis:
     executes_inner: bool = False
     # DECLARE ... WITH HOLD: the cursor outlives its transaction, in the server session.
     holds_cursor: bool = False
+    # Settings changed by set_config('name', value, is_local) with the name as a literal: each
+    # is decided as `SET name` would be (see sqlproxy.sql.walker.plain_setting).
+    settings: frozenset[str] = frozenset()
+    # Something in this analysis was read off a literal (a set_config call's setting name): a
+    # statement of the same shape with other literals may be analysed differently.
+    literal_bound: bool = False
 
     @property
     def category(self) -> str:

@@ -28,6 +28,23 @@ VIEW_KINDS = frozenset({"view", "matview"})
 QUERY_NODES = (ast.SelectStmt, ast.InsertStmt, ast.UpdateStmt, ast.DeleteStmt, ast.MergeStmt)
 
 
+# SET of these is an identity change (``set_role``) or a search_path change: never a plain SET.
+_GUARDED_SETTINGS = frozenset({"role", "session_authorization", "search_path"})
+
+
+def plain_setting(arg: Any) -> str | None:
+    """The setting a set_config call names, when its first argument is a string literal (cast
+    to text or not) naming one that a plain SET may change; otherwise None."""
+    if isinstance(arg, ast.TypeCast):
+        arg = arg.arg
+    if not isinstance(arg, ast.A_Const) or not isinstance(arg.val, ast.String):
+        return None
+    name = (arg.val.sval or "").lower()
+    if not name or name in _GUARDED_SETTINGS or name.startswith("sqlproxy."):
+        return None
+    return name
+
+
 @dataclass
 class Accumulator:
     """What one statement uses, merged over all its parts."""
@@ -36,6 +53,10 @@ class Accumulator:
     unknown: set[TableName] = field(default_factory=set)
     functions: set[str] = field(default_factory=set)
     dangers: set[str] = field(default_factory=set)
+    # Settings changed by set_config('name', ...) calls that amount to a plain SET (see
+    # ``Walker.function``), and whether any part of the analysis was read off a literal.
+    settings: set[str] = field(default_factory=set)
+    literal_bound: bool = False
 
     def access(
         self, table: TableName, access: Access, columns: Iterable[str] = (), known: bool = True
@@ -529,7 +550,7 @@ class QueryWalker:
             cols = self.query(node, scope)
             return Lineage(frozenset().union(*(c.sources for c in cols)) if cols else frozenset())
         if isinstance(node, ast.FuncCall):
-            self.function(node.funcname)
+            self.function(node.funcname, node.args)
         elif isinstance(node, ast.RangeVar):
             # A relation in expression position is not expected; read it rather than ignore it.
             tn, known = self.resolve(node)
@@ -543,10 +564,21 @@ class QueryWalker:
             return out
         return NO_LINEAGE
 
-    def function(self, funcname: Sequence[Any] | None) -> None:
+    def function(self, funcname: Sequence[Any] | None, args: Sequence[Any] | None = None) -> None:
         parts = [(p.sval or "").lower() for p in funcname or () if isinstance(p, ast.String)]
         if not parts:
             return
+        if parts[-1] == "set_config" and parts[:-1] in ([], ["pg_catalog"]):
+            # The function form of SET. Called with the setting's name as a literal, it is that
+            # SET (asyncpg turns jit off this way before it introspects a type): recorded as a
+            # setting, not as the dangerous function, unless SET of that name is an identity
+            # change or a search_path the analyser would have to follow. What this decides rests
+            # on a literal, so the analysis must never be shared by statements of its shape.
+            self.acc.literal_bound = True
+            name = plain_setting(args[0] if args else None)
+            if name is not None:
+                self.acc.settings.add(name)
+                return
         self.acc.functions.add(".".join(parts))
         if parts[-1] in SERVER_FILE_FUNCTIONS:
             self.acc.dangers.add("server_file_function")

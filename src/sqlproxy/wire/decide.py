@@ -55,8 +55,9 @@ def pins(analysis: Analysis | None) -> bool:
         return False
     for st in analysis.statements:
         # A WITH HOLD cursor lives on in the server session after its transaction; any other
-        # cursor ends with the transaction, during which the client keeps its connection.
-        if st.kind in PIN_KINDS or st.holds_cursor:
+        # cursor ends with the transaction, during which the client keeps its connection. A
+        # set_config of a plain setting (st.settings) may be a session-level one.
+        if st.kind in PIN_KINDS or st.holds_cursor or st.settings:
             return True
         for fn in st.functions:
             if fn.rsplit(".", 1)[-1].startswith(_PIN_FUNCTIONS):
