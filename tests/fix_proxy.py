@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 import pytest_asyncio
@@ -66,3 +67,23 @@ async def proxy(
     async with httpx.AsyncClient(transport=transport, base_url="http://sqlproxy.test") as client:
         yield ProxyHarness(runtime, client, demo_keys, cfg_path)
     await runtime.close()
+
+
+# What the leak tests leave behind if a connection is handed on: a session-level SET, a
+# set_config(..., false) and a WITH HOLD cursor.
+LEAKED_WORK_MEM, LEAKED_LOCK_TIMEOUT, LEAKED_CURSOR = "77MB", "7s", "leak"
+
+
+async def assert_pool_holds_no_leaked_state(pool: asyncpg.Pool) -> None:
+    """Every connection the pool can hand out, held at once (so none goes unchecked), is free of
+    the state the leak tests tried to leave."""
+    conns = [await pool.acquire() for _ in range(pool.get_max_size())]
+    try:
+        for conn in conns:
+            assert await conn.fetchval("SHOW work_mem") != LEAKED_WORK_MEM
+            assert await conn.fetchval("SHOW lock_timeout") != LEAKED_LOCK_TIMEOUT
+            n = await conn.fetchval("SELECT count(*) FROM pg_cursors WHERE name = $1", LEAKED_CURSOR)
+            assert n == 0
+    finally:
+        for conn in conns:
+            await pool.release(conn)

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 
 import pytest_asyncio
 
-from tests.fix_proxy import ProxyHarness
+from tests.fix_proxy import ProxyHarness, assert_pool_holds_no_leaked_state
 
 T = "order_copy_http"
 
@@ -118,3 +118,23 @@ async def test_import_denied_and_failing_midway(proxy: ProxyHarness, table: None
     assert n["results"][0]["rows"] == [[0]]
     rec = await _record(proxy, r.json()["id"])
     assert rec["extra"]["copy"]["error"]["sqlstate"] == "23514"  # type: ignore[index]
+
+
+async def test_no_session_state_reaches_the_next_request(proxy: ProxyHarness) -> None:
+    """A request whose statements leave state on the server session (a session-level SET, a
+    set_config, a WITH HOLD cursor), by /api/v1/query or inside an export's query, runs on a
+    pooled connection that is closed afterwards: no later request, of any user, inherits it."""
+    r = await proxy.query("admin", "SET work_mem = '77MB'")
+    assert r.status_code == 200, r.text
+    r = await proxy.query("admin", "DECLARE leak CURSOR WITH HOLD FOR SELECT 42")
+    assert r.status_code == 200, r.text
+    r = await proxy.client.post(
+        "/api/v1/export",
+        json={"sql": "SELECT set_config('lock_timeout', '7s', false)"},
+        headers=proxy.auth("admin"),
+    )
+    assert r.status_code == 200, r.text
+    assert "7s" in r.text
+    pool = proxy.runtime.upstreams["demo"].pool
+    assert pool is not None
+    await assert_pool_holds_no_leaked_state(pool)

@@ -10,6 +10,7 @@ from typing import Any
 import asyncpg
 import pytest_asyncio
 
+from tests.fix_proxy import assert_pool_holds_no_leaked_state
 from tests.fix_stream import LiveProxy, StreamClient
 
 
@@ -225,3 +226,24 @@ async def test_disconnect_mid_stream_is_audited_as_cancelled(live: LiveProxy) ->
     rec = recs[-1]
     assert rec["sqlstate"] == "57014" and rec["rows"] == 100 and "disconnected" in rec["error"]
     await w.close()
+
+
+async def test_session_state_never_reaches_the_next_user(live: LiveProxy) -> None:
+    """A statement that leaves state on the server session (a session-level SET, set_config, a
+    WITH HOLD cursor) runs on a pooled connection: that connection is closed afterwards, never
+    handed to the next request, whose user would inherit the state."""
+    c = await live.ws("admin")
+    await c.ready()
+    for i, sql in enumerate(
+        (
+            "SET work_mem = '77MB'",
+            "SELECT set_config('lock_timeout', '7s', false)",
+            "DECLARE leak CURSOR WITH HOLD FOR SELECT 42",
+        )
+    ):
+        await _query(c, f"s{i}", sql)
+        await c.recv_type("complete", f"s{i}")
+    await c.close()
+    pool = live.runtime.upstreams["demo"].pool
+    assert pool is not None
+    await assert_pool_holds_no_leaked_state(pool)

@@ -25,6 +25,7 @@ from sqlproxy.execute.upstream import StatementResult, _begin_script, translate_
 from sqlproxy.http.app import _error_response, _json, bearer_token
 from sqlproxy.pipeline.errors import BadRequest, ProxyError
 from sqlproxy.pipeline.request import Request
+from sqlproxy.pipeline.stages import calls_change_session
 from sqlproxy.runtime import Runtime
 from sqlproxy.sql.model import StatementKind
 from sqlproxy.sql.rewrite import quote_ident
@@ -57,6 +58,10 @@ async def _copy(req: Request, run: Any) -> None:
     pool = up.pool
     if pool is None:
         raise ProxyError("upstream unavailable", sqlstate="08006")
+    # An export's query may call set_config or take a session advisory lock: its connection is
+    # then closed rather than handed to the next request with that state.
+    assert req.analysis is not None
+    session_state = any(calls_change_session(st) for st in req.analysis.statements)
     started = time.perf_counter()
     try:
         async with pool.acquire(timeout=up.config.connect_timeout_s) as conn:
@@ -68,6 +73,8 @@ async def _copy(req: Request, run: Any) -> None:
                 if not conn.is_closed():
                     conn.terminate()
                 raise
+            if session_state:
+                await conn.close(timeout=up.config.connect_timeout_s)
     except BaseException as e:
         req.extra["copy"]["duration_ms"] = round((time.perf_counter() - started) * 1000, 3)
         if isinstance(e, asyncio.CancelledError):

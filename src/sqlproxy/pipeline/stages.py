@@ -26,7 +26,7 @@ from sqlproxy.pipeline.pipeline import Next
 from sqlproxy.pipeline.request import Request
 from sqlproxy.policy.principal import Principal
 from sqlproxy.ratelimit.stage import RateLimitStage
-from sqlproxy.sql.model import Analysis, SqlSyntaxError, StatementKind
+from sqlproxy.sql.model import Analysis, SqlSyntaxError, StatementAnalysis, StatementKind
 
 if TYPE_CHECKING:
     from sqlproxy.auth.users import Identity
@@ -321,14 +321,15 @@ _SESSION_FUNCTIONS = (
 
 
 def may_change_session(analysis: Analysis) -> bool:
-    for st in analysis.statements:
-        if st.kind not in _SESSION_NEUTRAL or st.dangers or st.settings:
-            return True
-        for fn in st.functions:
-            name = fn.rsplit(".", 1)[-1]
-            if name.startswith(_SESSION_FUNCTIONS):
-                return True
-    return False
+    return any(st.kind not in _SESSION_NEUTRAL or calls_change_session(st) for st in analysis.statements)
+
+
+def calls_change_session(st: StatementAnalysis) -> bool:
+    """What a statement calls may leave state on the session whatever its kind: a set_config of
+    a setting, a session advisory lock, a dangerous marker."""
+    if st.dangers or st.settings:
+        return True
+    return any(fn.rsplit(".", 1)[-1].startswith(_SESSION_FUNCTIONS) for fn in st.functions)
 
 
 class ClassifyStage:

@@ -24,6 +24,7 @@ from sqlproxy.execute.upstream import ColumnInfo, StatementResult, translate_err
 from sqlproxy.http.jsonenc import to_jsonable
 from sqlproxy.pipeline.errors import ProxyError, UpstreamUnavailable
 from sqlproxy.pipeline.request import Request
+from sqlproxy.pipeline.stages import may_change_session
 from sqlproxy.sql.model import Access, StatementKind
 from sqlproxy.stream.connection import Subscription
 from sqlproxy.stream.fanout import ResumeGap
@@ -357,33 +358,20 @@ class QuerySubscription(Subscription):
             raise UpstreamUnavailable("upstream unavailable: no connection pool")
         classifier = self.conn.rt.classifier
         results: list[StatementResult] = []
+        # A statement that may leave state on the server session (a session-level SET, LISTEN,
+        # a WITH HOLD cursor, a temporary table, a session advisory lock) must not leave it on a
+        # pooled connection for the next user: that connection is closed, not put back.
+        session_state = may_change_session(req.analysis)
         try:
-            async with pool.acquire(timeout=up.config.connect_timeout_s) as pg, pg.transaction():
-                await pg.execute(_SETUP_SQL, str(up.config.statement_timeout_ms), req.identity.name)
-                args = tuple(req.params) if req.params and len(req.statements) == 1 else ()
-                for i, sql in enumerate(req.statements):
-                    st = req.analysis.statements[i]
-                    stmt = await self._cancellable(pg.prepare(sql))
-                    attrs = stmt.get_attributes()
-                    if not attrs:
-                        await self._cancellable(stmt.fetch(*args))
-                        tag = stmt.get_statusmsg() or ""
-                        res = StatementResult(command=tag, row_count=_count(tag))
-                        results.append(res)
-                        await self._send(
-                            {
-                                "type": "statement",
-                                "id": self.id,
-                                "statement": i,
-                                "command": tag,
-                                "row_count": res.row_count,
-                            }
-                        )
-                        continue
-                    writes = st.kind is not StatementKind.SELECT or any(
-                        r.access is not Access.READ for r in st.relations
-                    )
-                    await self._stream_rows(pg, stmt, args, i, st.outputs, classifier, results, writes)
+            async with pool.acquire(timeout=up.config.connect_timeout_s) as pg:
+                try:
+                    await self._run_statements(req, pg, classifier, results)
+                except BaseException:
+                    if session_state:
+                        pg.terminate()
+                    raise
+                if session_state:
+                    await pg.close(timeout=up.config.connect_timeout_s)
         except ProxyError:
             raise
         except asyncio.CancelledError:
@@ -392,6 +380,38 @@ class QuerySubscription(Subscription):
             raise translate_error(e) from e
         finally:
             req.results = results
+
+    async def _run_statements(
+        self, req: Request, pg: asyncpg.Connection, classifier: Any, results: list[StatementResult]
+    ) -> None:
+        assert req.upstream is not None and req.identity is not None and req.analysis is not None
+        up = req.upstream
+        async with pg.transaction():
+            await pg.execute(_SETUP_SQL, str(up.config.statement_timeout_ms), req.identity.name)
+            args = tuple(req.params) if req.params and len(req.statements) == 1 else ()
+            for i, sql in enumerate(req.statements):
+                st = req.analysis.statements[i]
+                stmt = await self._cancellable(pg.prepare(sql))
+                attrs = stmt.get_attributes()
+                if not attrs:
+                    await self._cancellable(stmt.fetch(*args))
+                    tag = stmt.get_statusmsg() or ""
+                    res = StatementResult(command=tag, row_count=_count(tag))
+                    results.append(res)
+                    await self._send(
+                        {
+                            "type": "statement",
+                            "id": self.id,
+                            "statement": i,
+                            "command": tag,
+                            "row_count": res.row_count,
+                        }
+                    )
+                    continue
+                writes = st.kind is not StatementKind.SELECT or any(
+                    r.access is not Access.READ for r in st.relations
+                )
+                await self._stream_rows(pg, stmt, args, i, st.outputs, classifier, results, writes)
 
     async def _stream_rows(
         self,
