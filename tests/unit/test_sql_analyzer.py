@@ -423,6 +423,22 @@ def test_fetch_move_close_touch_no_relation() -> None:
         )
 
 
+@pytest.mark.parametrize(
+    ("sql", "deallocates"),
+    [
+        ("DEALLOCATE ALL", "*"),
+        ("DEALLOCATE PREPARE ALL", "*"),
+        ("DISCARD ALL", "*"),
+        ("DEALLOCATE pdo_stmt_1", "pdo_stmt_1"),
+        ('DEALLOCATE PREPARE "Mixed"', "Mixed"),
+        ("DISCARD PLANS", None),
+        ("SELECT 1", None),
+    ],
+)
+def test_what_a_statement_deallocates(sql: str, deallocates: str | None) -> None:
+    assert one(sql).deallocates == deallocates
+
+
 def test_create_view_reports_inner_reads() -> None:
     s = one("CREATE VIEW v AS SELECT ssn FROM employees")
     assert s.inner_kind is StatementKind.SELECT

@@ -139,6 +139,7 @@ class _Statement:
     inner_kind: StatementKind | None = None
     executes_inner: bool = False
     holds_cursor: bool = False
+    deallocates: str | None = None
 
     def __post_init__(self) -> None:
         self.walker = QueryWalker(self.catalog, self.search_path, self.acc)
@@ -169,6 +170,7 @@ class _Statement:
             inner_kind=self.inner_kind,
             executes_inner=self.executes_inner,
             holds_cursor=self.holds_cursor,
+            deallocates=self.deallocates,
             settings=frozenset(self.acc.settings),
             literal_bound=self.acc.literal_bound,
         )
@@ -340,6 +342,10 @@ class _Statement:
         if node.target == DiscardMode.DISCARD_ALL:
             self.new_path = self.default_search_path
             self.acc.dangers.add("set_role")
+            self.deallocates = "*"
+
+    def on_DeallocateStmt(self, node: ast.DeallocateStmt) -> None:
+        self.deallocates = "*" if node.isall or node.name is None else node.name
 
     # ------------------------------------------------------------------ table-level utility
 

@@ -156,6 +156,9 @@ class StatementAnalysis:
     # Settings changed by set_config('name', value, is_local) with the name as a literal: each
     # is decided as `SET name` would be (see sqlproxy.sql.walker.plain_setting).
     settings: frozenset[str] = frozenset()
+    # DEALLOCATE name: the name; DEALLOCATE ALL and DISCARD ALL: "*" (every prepared statement
+    # of the session goes, protocol-level ones included).
+    deallocates: str | None = None
     # Something in this analysis was read off a literal (a set_config call's setting name): a
     # statement of the same shape with other literals may be analysed differently.
     literal_bound: bool = False

@@ -26,6 +26,7 @@ from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, cast
 
 from sqlproxy.auth.users import Identity, _source_lock_key, _user_lock_key, parse_source_ip
+from sqlproxy.execute.upstream import StatementResult
 from sqlproxy.memo import IdMemo
 from sqlproxy.pipeline.errors import ProxyError, RateLimited, Unauthenticated, UpstreamError
 from sqlproxy.pipeline.request import Request
@@ -96,6 +97,8 @@ _SYNC_MSG = b"S\x00\x00\x00\x04"
 _CLOSE_COMPLETE = b"3\x00\x00\x00\x04"
 _EMPTY_QUERY = b"I\x00\x00\x00\x04"
 _READY = {s: b"Z\x00\x00\x00\x05" + s.encode() for s in "ITE"}
+_DEALLOCATE_DONE = b"C\x00\x00\x00\x0fDEALLOCATE\x00"
+_DEALLOCATE, _DISCARD = StatementKind.DEALLOCATE, StatementKind.DISCARD
 # A statement that cannot parse: sent to put the server's transaction into the failed state
 # when the proxy refuses a statement inside it, exactly as a server-side error would.
 _FAIL_SQL = b"sqlproxy: statement refused by the proxy"
@@ -759,6 +762,9 @@ class WireSession(asyncio.Protocol, PumpOwner):
                 self.stmts.pop(name, None)
 
     def execute_done(self, req: Request) -> None:
+        a = req.analysis
+        if a is not None and a.statements and a.statements[0].deallocates == "*":
+            self._forget_prepared()
         self._audits.append(req)
         if self._reading:
             try:
@@ -869,6 +875,9 @@ class WireSession(asyncio.Protocol, PumpOwner):
         next server connection, pinning when state cannot be carried."""
         a = req.analysis
         assert a is not None and self.settings is not None
+        kinds = a.kinds
+        if (_DEALLOCATE in kinds or _DISCARD in kinds) and any(st.deallocates == "*" for st in a.statements):
+            self._forget_prepared()
         pin, stateful = _session_effects(a)
         if pin:
             self.pinned = True
@@ -892,6 +901,8 @@ class WireSession(asyncio.Protocol, PumpOwner):
             be.settings_key = self.settings.key if exact else None
 
     async def _execute_simple(self, req: Request) -> None:
+        if self._deallocate_here(req):
+            return
         be = self.be or self._acquire_idle() or await self._acquire()
         pump = be.pump
         assert pump is not None
@@ -922,6 +933,31 @@ class WireSession(asyncio.Protocol, PumpOwner):
         self.status = call.status
         if call.error is not None:
             raise ForwardedError(call.error.message, sqlstate=call.error.sqlstate)
+
+    def _deallocate_here(self, req: Request) -> bool:
+        """``DEALLOCATE name`` of a statement the client prepared with a Parse message (PHP's
+        PDO deallocates its statements so): the server knows the statement under the proxy's
+        own name, so the proxy forgets it and answers, as PostgreSQL would. Anything else, and
+        any DEALLOCATE in a failed transaction (refused by the server), goes to the server."""
+        a = req.analysis
+        if a is None or len(a.statements) != 1 or self.status == "E":
+            return False
+        name = a.statements[0].deallocates
+        if name is None or name == "*" or self.stmts.pop(name.encode("utf-8"), None) is None:
+            return False
+        req.results.append(StatementResult(command="DEALLOCATE", row_count=0))
+        self._reply(_DEALLOCATE_DONE + _READY[self.status])
+        return True
+
+    def _forget_prepared(self) -> None:
+        """DEALLOCATE ALL or DISCARD ALL ran on the server connection: the client's named
+        statements are gone, as on PostgreSQL, and so is every statement the proxy prepared
+        there under its shared names; they are prepared again where next needed."""
+        self.stmts.clear()
+        be = self.be
+        if be is not None:
+            be.prepared.clear()
+            be.unnamed_owner = None
 
     @staticmethod
     def _audit_copies(req: Request, call: SimpleCall) -> None:
