@@ -354,11 +354,11 @@ def _kind_keys(kind: StatementKind) -> frozenset[str]:
 
 
 _KEYS: Final = {k: _kind_keys(k) for k in StatementKind}
+_SET_KEYS: Final = _KEYS[StatementKind.SET]
 # A cursor is read through as its query would be: a rule for "select" (or "read") statements
 # covers DECLARE ... CURSOR FOR a SELECT it allows and the FETCH/MOVE/CLOSE that step through it,
 # as PostgreSQL asks no privilege beyond the query's; a rule naming "cursor" matches them too (so
 # `statements = ["cursor"], action = "block"` stops cursors).
-_SET_KEYS: Final = _KEYS[StatementKind.SET]
 _KEYS[StatementKind.CURSOR] = frozenset({StatementKind.CURSOR.value, StatementKind.SELECT.value, "read"})
 
 

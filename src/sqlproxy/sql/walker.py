@@ -54,7 +54,7 @@ class Accumulator:
     functions: set[str] = field(default_factory=set)
     dangers: set[str] = field(default_factory=set)
     # Settings changed by set_config('name', ...) calls that amount to a plain SET (see
-    # ``Walker.function``), and whether any part of the analysis was read off a literal.
+    # ``QueryWalker.function``), and whether any part of the analysis was read off a literal.
     settings: set[str] = field(default_factory=set)
     literal_bound: bool = False
 
