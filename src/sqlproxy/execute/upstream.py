@@ -10,9 +10,10 @@ never after fetching everything.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,6 +65,25 @@ def _begin_script(timeout_ms: int, user: str) -> str:
         f"BEGIN; SET LOCAL statement_timeout = {int(timeout_ms)}; "
         f"SELECT set_config('sqlproxy.user', {_quote_literal(user)}, true)"
     )
+
+
+@contextlib.asynccontextmanager
+async def request_connection(
+    pool: asyncpg.Pool, timeout_s: float, leaves_state: bool
+) -> AsyncIterator[asyncpg.Connection]:
+    """A pooled connection for one request. When the request's statements may leave state on
+    the server session (``may_change_session``: a session-level SET, a set_config, a WITH HOLD
+    cursor, an advisory lock), the connection is closed afterwards (terminated on an error)
+    instead of going back to the pool, so the next user never inherits that state."""
+    async with pool.acquire(timeout=timeout_s) as conn:
+        try:
+            yield conn
+        except BaseException:
+            if leaves_state and not conn.is_closed():
+                conn.terminate()
+            raise
+        if leaves_state:
+            await conn.close(timeout=timeout_s)
 
 
 async def _release_as_is(conn: asyncpg.Connection) -> None:

@@ -21,7 +21,7 @@ from fastapi import Request as HttpRequest
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from sqlproxy.execute.upstream import StatementResult, _begin_script, translate_error
+from sqlproxy.execute.upstream import StatementResult, _begin_script, request_connection, translate_error
 from sqlproxy.http.app import _error_response, _json, bearer_token
 from sqlproxy.pipeline.errors import BadRequest, ProxyError
 from sqlproxy.pipeline.request import Request
@@ -58,23 +58,22 @@ async def _copy(req: Request, run: Any) -> None:
     pool = up.pool
     if pool is None:
         raise ProxyError("upstream unavailable", sqlstate="08006")
-    # An export's query may call set_config or take a session advisory lock: its connection is
-    # then closed rather than handed to the next request with that state.
+    # An export's query may call set_config or take a session advisory lock (a COPY is never
+    # session-neutral by kind, so its calls decide).
     assert req.analysis is not None
-    session_state = any(calls_change_session(st) for st in req.analysis.statements)
+    leaves_state = any(calls_change_session(st) for st in req.analysis.statements)
     started = time.perf_counter()
     try:
-        async with pool.acquire(timeout=up.config.connect_timeout_s) as conn:
+        async with request_connection(pool, up.config.connect_timeout_s, leaves_state) as conn:
             try:
                 await conn.execute(_begin_script(up.config.statement_timeout_ms, req.identity.name))
                 tag: str = await run(conn, req.statements[0])
                 await conn.execute("COMMIT")
             except BaseException:
+                # A COPY broken off midway leaves the connection in a state no one may reuse.
                 if not conn.is_closed():
                     conn.terminate()
                 raise
-            if session_state:
-                await conn.close(timeout=up.config.connect_timeout_s)
     except BaseException as e:
         req.extra["copy"]["duration_ms"] = round((time.perf_counter() - started) * 1000, 3)
         if isinstance(e, asyncio.CancelledError):

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import asyncpg
 
 from sqlproxy.audit.record import AuditRecord
-from sqlproxy.execute.upstream import ColumnInfo, StatementResult, translate_error
+from sqlproxy.execute.upstream import ColumnInfo, StatementResult, request_connection, translate_error
 from sqlproxy.http.jsonenc import to_jsonable
 from sqlproxy.pipeline.errors import ProxyError, UpstreamUnavailable
 from sqlproxy.pipeline.request import Request
@@ -358,20 +358,10 @@ class QuerySubscription(Subscription):
             raise UpstreamUnavailable("upstream unavailable: no connection pool")
         classifier = self.conn.rt.classifier
         results: list[StatementResult] = []
-        # A statement that may leave state on the server session (a session-level SET, LISTEN,
-        # a WITH HOLD cursor, a temporary table, a session advisory lock) must not leave it on a
-        # pooled connection for the next user: that connection is closed, not put back.
-        session_state = may_change_session(req.analysis)
+        leaves_state = may_change_session(req.analysis)
         try:
-            async with pool.acquire(timeout=up.config.connect_timeout_s) as pg:
-                try:
-                    await self._run_statements(req, pg, classifier, results)
-                except BaseException:
-                    if session_state:
-                        pg.terminate()
-                    raise
-                if session_state:
-                    await pg.close(timeout=up.config.connect_timeout_s)
+            async with request_connection(pool, up.config.connect_timeout_s, leaves_state) as pg:
+                await self._run_statements(req, pg, classifier, results)
         except ProxyError:
             raise
         except asyncio.CancelledError:
