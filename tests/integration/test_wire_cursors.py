@@ -10,7 +10,7 @@ import pytest
 
 from sqlproxy.audit.record import AuditRecord
 from tests.fix_proxy import ProxyHarness
-from tests.fix_wire import WireFactory
+from tests.fix_wire import WireFactory, WireHarness, run_psql
 
 
 async def _records(proxy: ProxyHarness, user: str, n: int) -> list[AuditRecord]:
@@ -60,6 +60,29 @@ async def test_named_cursor_is_masked_filtered_and_denied_like_its_query(
     assert len(denied) == 1 and denied[0].decision == "deny" and denied[0].rule == "analyst-no-employees"
     fetches = [r for r in recs if (r.sql or "").startswith("FETCH")]
     assert fetches and all(f.decision == "allow" and f.statement_kinds == ["cursor"] for f in fetches)
+    # The rows a FETCH returns are the cursor's: classified by its query's lineage.
+    assert all(f.classifications.get("email") == ["PII.Email"] for f in fetches)
+
+
+async def test_fetch_records_are_classified_in_the_simple_protocol_and_over_http(
+    wire: WireHarness, proxy: ProxyHarness
+) -> None:
+    code, out, err = await run_psql(
+        wire,
+        "BEGIN;\nDECLARE psql_c CURSOR FOR SELECT id, email AS contact FROM customers;\n"
+        "FETCH 2 FROM psql_c;\nMOVE 1 IN psql_c;\nCLOSE psql_c;\nCOMMIT;\n",
+    )
+    assert code == 0 and "***" in out, err
+    recs = await _records(proxy, "analyst", 6)
+    by_sql = {r.sql: r for r in recs}
+    assert by_sql["FETCH 2 FROM psql_c;"].classifications == {"contact": ["PII.Email"]}
+    assert by_sql["MOVE 1 IN psql_c;"].classifications == {}
+    # Over HTTP a request is one transaction: DECLARE and FETCH in one string.
+    r = await proxy.query(
+        "analyst", "DECLARE h CURSOR FOR SELECT email AS contact FROM customers; FETCH 2 FROM h"
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["classifications"]["contact"] == ["PII.Email"]
 
 
 async def test_with_hold_cursor_pins_its_client_in_transaction_mode(

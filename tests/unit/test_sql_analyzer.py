@@ -411,6 +411,26 @@ def test_declare_cursor_with_hold_and_for_update() -> None:
     assert ("public.orders", "update") in uses(one("DECLARE c CURSOR FOR SELECT * FROM orders FOR UPDATE"))
 
 
+def test_fetch_of_a_cursor_declared_in_the_same_string_has_its_lineage() -> None:
+    a = analyze(
+        "DECLARE c CURSOR FOR SELECT email AS contact FROM customers; FETCH 2 FROM c; MOVE 1 IN c; "
+        "CLOSE c; CLOSE ALL; FETCH 1 FROM other",
+        CAT,
+        PATH,
+    )
+    ops = [(s.cursor_op, s.cursor, [o.name for o in s.outputs]) for s in a.statements]
+    assert ops == [
+        ("declare", "c", ["contact"]),
+        ("fetch", "c", ["contact"]),
+        ("move", "c", []),
+        ("close", "c", []),
+        ("close", "*", []),
+        ("fetch", "other", []),
+    ]
+    assert a.statements[1].outputs[0].sources == a.statements[0].outputs[0].sources
+    assert a.statements[1].relations == ()  # the lineage, not an access: the DECLARE was decided
+
+
 def test_fetch_move_close_touch_no_relation() -> None:
     for sql in ("FETCH ALL FROM c", "MOVE LAST IN c", "CLOSE c", "CLOSE ALL"):
         s = one(sql)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from sqlproxy.execute.upstream import StatementResult, Upstream
     from sqlproxy.pipeline.errors import ProxyError
     from sqlproxy.policy.engine import Decision
-    from sqlproxy.sql.model import Analysis
+    from sqlproxy.sql.model import Analysis, OutputColumn
 
 
 @dataclass(slots=True, eq=False)
@@ -41,6 +41,9 @@ class Request:
     # receives the request with ``statements`` rewritten and decided, and fills in ``results``
     # (row counts and command tags; rows only when the door wants them classified by value).
     executor: Callable[[Request], Awaitable[None]] | None = field(default=None, repr=False)
+    # The cursors the session declared before this request, by name: the lineage of the rows a
+    # FETCH of one of them returns (a wire session keeps them; see ClassifyStage).
+    cursors: Mapping[str, tuple[OutputColumn, ...]] | None = field(default=None, repr=False)
 
     id: str = field(default_factory=new_id)
     started: float = field(default_factory=time.perf_counter)

@@ -344,7 +344,10 @@ class ClassifyStage:
         out: list[dict[str, list[str]]] = []
         for i, st in enumerate(req.analysis.statements):
             rows = req.results[i].rows if i < len(req.results) else None
-            out.append(self.rt.classifier.classify(st.outputs, rows) if st.outputs else {})
+            outputs = st.outputs
+            if not outputs and st.cursor_op == "fetch" and req.cursors is not None and st.cursor is not None:
+                outputs = req.cursors.get(st.cursor, ())
+            out.append(self.rt.classifier.classify(outputs, rows) if outputs else {})
         req.classifications = out
         req.stage_seconds[self.name] = time.perf_counter() - t
         await call_next(req)

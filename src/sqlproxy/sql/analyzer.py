@@ -30,7 +30,7 @@ shadowed by a temp table resolves as if the temp table did not exist.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pglast import ast
@@ -100,10 +100,15 @@ def analyze(
         raise _syntax_error(e) from None
     path = tuple(search_path)
     statements = []
+    declared: dict[str, tuple[OutputColumn, ...]] = {}
     for index, stmt in enumerate(raw):
         result = analyze_statement(index, stmt.stmt, catalog, path, tuple(default_search_path))
         if result.search_path is not None:
             path = result.search_path
+        if result.cursor_op == "declare" and result.cursor is not None:
+            declared[result.cursor] = result.outputs
+        elif result.cursor_op == "fetch" and result.cursor in declared:
+            result = replace(result, outputs=declared[result.cursor])
         statements.append(result)
     return Analysis(tuple(statements), fingerprint(sql), normalize(sql), path)
 
@@ -139,6 +144,8 @@ class _Statement:
     inner_kind: StatementKind | None = None
     executes_inner: bool = False
     holds_cursor: bool = False
+    cursor_op: str | None = None
+    cursor: str | None = None
     deallocates: str | None = None
 
     def __post_init__(self) -> None:
@@ -170,6 +177,8 @@ class _Statement:
             inner_kind=self.inner_kind,
             executes_inner=self.executes_inner,
             holds_cursor=self.holds_cursor,
+            cursor_op=self.cursor_op,
+            cursor=self.cursor,
             deallocates=self.deallocates,
             settings=frozenset(self.acc.settings),
             literal_bound=self.acc.literal_bound,
@@ -294,6 +303,13 @@ class _Statement:
         self.outputs = [Col(o.name, o.sources, o.direct) for o in inner.outputs]
         self.executes_inner = True
         self.holds_cursor = bool((node.options or 0) & CURSOR_OPT_HOLD)
+        self.cursor_op, self.cursor = "declare", node.portalname
+
+    def on_FetchStmt(self, node: ast.FetchStmt) -> None:
+        self.cursor_op, self.cursor = ("move" if node.ismove else "fetch"), node.portalname
+
+    def on_ClosePortalStmt(self, node: ast.ClosePortalStmt) -> None:
+        self.cursor_op, self.cursor = "close", node.portalname or "*"
 
     def on_CreateTableAsStmt(self, node: ast.CreateTableAsStmt) -> None:
         if node.into is not None:

@@ -156,6 +156,11 @@ class StatementAnalysis:
     # Settings changed by set_config('name', value, is_local) with the name as a literal: each
     # is decided as `SET name` would be (see sqlproxy.sql.walker.plain_setting).
     settings: frozenset[str] = frozenset()
+    # DECLARE / FETCH / MOVE / CLOSE: "declare", "fetch", "move" or "close", and the cursor's
+    # name ("*" for CLOSE ALL). A FETCH of a cursor declared earlier in the same string has the
+    # DECLARE's outputs (lineage), so its rows are classified as the cursor's query's would be.
+    cursor_op: str | None = None
+    cursor: str | None = None
     # DEALLOCATE name: the name; DEALLOCATE ALL and DISCARD ALL: "*" (every prepared statement
     # of the session goes, protocol-level ones included).
     deallocates: str | None = None

@@ -83,6 +83,8 @@ class Prepared:
     # By lineage, per statement (the wire door forwards rows without reading them): what the
     # audit record of each Execute carries, as the simple protocol's records do.
     classifications: list[dict[str, list[str]]] = field(default_factory=list)
+    # FETCH of a cursor declared by an earlier statement: its name (the session knows its lineage).
+    fetch_cursor: str | None = None
     # The Parse message that prepares it as the unnamed statement, made once.
     unnamed_parse: bytes = b""
 
@@ -131,4 +133,5 @@ class Decider:
             pin=pins(a),
             sets=any(st.kind is StatementKind.SET for st in a.statements),
             classifications=[classify(st.outputs) if st.outputs else {} for st in a.statements],
+            fetch_cursor=next((st.cursor for st in a.statements if st.cursor_op == "fetch"), None),
         )

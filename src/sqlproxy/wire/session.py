@@ -57,7 +57,7 @@ from sqlproxy.protocol.messages import (
     StartupMessage,
 )
 from sqlproxy.protocol.scram import ScramServer, ScramVerifier
-from sqlproxy.sql.model import Analysis, StatementKind
+from sqlproxy.sql.model import Analysis, OutputColumn, StatementKind
 from sqlproxy.wire.backend import BackendConnection
 from sqlproxy.wire.decide import Prepared, pins
 from sqlproxy.wire.pool import BackendPool
@@ -98,7 +98,8 @@ _CLOSE_COMPLETE = b"3\x00\x00\x00\x04"
 _EMPTY_QUERY = b"I\x00\x00\x00\x04"
 _READY = {s: b"Z\x00\x00\x00\x05" + s.encode() for s in "ITE"}
 _DEALLOCATE_DONE = b"C\x00\x00\x00\x0fDEALLOCATE\x00"
-_DEALLOCATE, _DISCARD = StatementKind.DEALLOCATE, StatementKind.DISCARD
+_DEALLOCATE, _DISCARD, _CURSOR = StatementKind.DEALLOCATE, StatementKind.DISCARD, StatementKind.CURSOR
+_MAX_CURSORS = 1024
 # A statement that cannot parse: sent to put the server's transaction into the failed state
 # when the proxy refuses a statement inside it, exactly as a server-side error would.
 _FAIL_SQL = b"sqlproxy: statement refused by the proxy"
@@ -245,6 +246,8 @@ class WireSession(asyncio.Protocol, PumpOwner):
         self.discard = False  # the proxy failed the extended batch: drop messages until Sync
         self.simple_active = False
         self.stmts: dict[bytes, Prepared] = {}
+        # Cursors declared in this session, by name: their query's lineage, for FETCH's records.
+        self.cursors: dict[str, tuple[OutputColumn, ...]] = {}
         self.unnamed: Prepared | None = None
         self.portals: dict[bytes, Prepared] = {}
         self._cache: dict[tuple[bytes, bytes, tuple[str, ...] | None], Prepared] = {}
@@ -763,8 +766,12 @@ class WireSession(asyncio.Protocol, PumpOwner):
 
     def execute_done(self, req: Request) -> None:
         a = req.analysis
-        if a is not None and a.statements and a.statements[0].deallocates == "*":
-            self._forget_prepared()
+        if a is not None and a.statements:
+            st = a.statements[0]
+            if st.deallocates == "*":
+                self._forget_prepared()
+            if st.kind is _CURSOR or st.kind is _DISCARD:
+                self._note_cursors(a)
         self._audits.append(req)
         if self._reading:
             try:
@@ -856,6 +863,8 @@ class WireSession(asyncio.Protocol, PumpOwner):
             search_path=self.search_path,
         )
         req.executor = self._execute_simple
+        if self.cursors:
+            req.cursors = self.cursors
         self.simple_active = True
         try:
             await self.rt.handle(req)
@@ -878,6 +887,8 @@ class WireSession(asyncio.Protocol, PumpOwner):
         kinds = a.kinds
         if (_DEALLOCATE in kinds or _DISCARD in kinds) and any(st.deallocates == "*" for st in a.statements):
             self._forget_prepared()
+        if _CURSOR in kinds or _DISCARD in kinds:
+            self._note_cursors(a)
         pin, stateful = _session_effects(a)
         if pin:
             self.pinned = True
@@ -948,6 +959,24 @@ class WireSession(asyncio.Protocol, PumpOwner):
         req.results.append(StatementResult(command="DEALLOCATE", row_count=0))
         self._reply(_DEALLOCATE_DONE + _READY[self.status])
         return True
+
+    def _note_cursors(self, a: Analysis) -> None:
+        """Keep the lineage of each cursor the statements declared, so a later FETCH's record
+        is classified as the cursor's query's would be; forget closed ones."""
+        cursors = self.cursors
+        for st in a.statements:
+            op = st.cursor_op
+            if op == "declare" and st.cursor is not None:
+                if len(cursors) >= _MAX_CURSORS:
+                    cursors.clear()  # a client that never closes its cursors: forget the oldest lot
+                cursors[st.cursor] = st.outputs
+            elif op == "close":
+                if st.cursor == "*":
+                    cursors.clear()
+                else:
+                    cursors.pop(st.cursor or "", None)
+            elif st.kind is _DISCARD and st.deallocates == "*":
+                cursors.clear()  # DISCARD ALL closes every cursor
 
     def _forget_prepared(self) -> None:
         """DEALLOCATE ALL or DISCARD ALL ran on the server connection: the client's named
@@ -1326,6 +1355,10 @@ class WireSession(asyncio.Protocol, PumpOwner):
         req.statements = p.statements
         req.rewritten = p.rewritten
         req.classifications = p.classifications
+        if p.fetch_cursor is not None:
+            outputs = self.cursors.get(p.fetch_cursor)
+            if outputs:
+                req.classifications = [self.rt.classifier.classify(outputs)]
         req.extra["protocol"] = "extended"
         return req
 
