@@ -85,6 +85,9 @@ class Prepared:
     classifications: list[dict[str, list[str]]] = field(default_factory=list)
     # FETCH of a cursor declared by an earlier statement: its name (the session knows its lineage).
     fetch_cursor: str | None = None
+    # The policy it was decided under: after a reload, the session decides it again at its next
+    # Bind (a client keeps its named statements across reloads).
+    policy: object = None
     # The Parse message that prepares it as the unnamed statement, made once.
     unnamed_parse: bytes = b""
 
@@ -104,6 +107,7 @@ class Decider:
     async def decide(self, req: Request, types: bytes) -> Prepared:
         """Raises ProxyError (req.error set) when the statement may not be prepared."""
         sql = req.sql or ""
+        policy = self.rt.policy  # before deciding: a reload meanwhile makes it stale, not wrong
         if not sql.strip():
             # An empty statement runs nothing; the server answers EmptyQueryResponse.
             return Prepared(sql, b"", types, server_name(b"", types, req.search_path), req.search_path)
@@ -134,4 +138,5 @@ class Decider:
             sets=any(st.kind is StatementKind.SET for st in a.statements),
             classifications=[classify(st.outputs) if st.outputs else {} for st in a.statements],
             fetch_cursor=next((st.cursor for st in a.statements if st.cursor_op == "fetch"), None),
+            policy=policy,
         )

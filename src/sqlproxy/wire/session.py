@@ -1120,8 +1120,8 @@ class WireSession(asyncio.Protocol, PumpOwner):
         if t == _P:
             return self._parse(be, payload)
         if t == _B:
-            self._bind(be, payload)
-        elif t == _E:
+            return self._bind(be, payload)
+        if t == _E:
             if self.rt.rate_limiter.active:
                 rejection = self._admit_execute(payload)
                 if rejection is not None:
@@ -1157,7 +1157,7 @@ class WireSession(asyncio.Protocol, PumpOwner):
         be.pump.expect(Exp(FAIL_PARSE, client_name=b""))
         self._send(_FAIL_PARSE_MSG)
 
-    def _cached(self, sql_b: bytes, types: bytes) -> Prepared | None:
+    def _cached(self, sql_b: bytes, types: bytes, path: tuple[str, ...] | None) -> Prepared | None:
         """The session's decision for this statement text, if it made one under the current
         policy and catalog snapshot."""
         up = self.rt.upstreams.get(self.database or "")
@@ -1165,13 +1165,13 @@ class WireSession(asyncio.Protocol, PumpOwner):
         if token != self._cache_token:
             self._cache.clear()
             self._cache_token = token
-        return self._cache.get((sql_b, types, self.search_path))
+        return self._cache.get((sql_b, types, path))
 
-    async def _lookup(self, sql_b: bytes, types: bytes) -> Prepared:
-        p = self._cached(sql_b, types)
+    async def _lookup(self, sql_b: bytes, types: bytes, path: tuple[str, ...] | None) -> Prepared:
+        p = self._cached(sql_b, types, path)
         if p is not None:
             return p
-        key = (sql_b, types, self.search_path)
+        key = (sql_b, types, path)
         self._flush()
         try:
             sql = sql_b.decode("utf-8")
@@ -1185,7 +1185,7 @@ class WireSession(asyncio.Protocol, PumpOwner):
             source_text=self.source_text,
             database=self.database,
             identity=self.identity,
-            search_path=self.search_path,
+            search_path=path,
         )
         req.extra["protocol"] = "parse"
         try:
@@ -1203,7 +1203,7 @@ class WireSession(asyncio.Protocol, PumpOwner):
         j = _nul(payload, i + 1)
         name = payload[:i]
         sql_b, types = payload[i + 1 : j], payload[j + 1 :]
-        p = self._cached(sql_b, types)
+        p = self._cached(sql_b, types, self.search_path)
         if p is None:
             return self._parse_new(be, name, sql_b, types)
         self._parse_as(be, name, p)
@@ -1211,7 +1211,7 @@ class WireSession(asyncio.Protocol, PumpOwner):
 
     async def _parse_new(self, be: BackendConnection, name: bytes, sql_b: bytes, types: bytes) -> None:
         try:
-            p = await self._lookup(sql_b, types)
+            p = await self._lookup(sql_b, types, self.search_path)
         except ProxyError as e:
             self._fail_batch(e)
             return
@@ -1285,18 +1285,41 @@ class WireSession(asyncio.Protocol, PumpOwner):
             )
         return p
 
-    def _bind(self, be: BackendConnection, payload: bytes) -> None:
+    def _bind(self, be: BackendConnection, payload: bytes) -> Coroutine[object, object, None] | None:
         i = _nul(payload)
         j = _nul(payload, i + 1)
         sname = payload[i + 1 : j]
         p = self._statement(sname)
         if p is None:
-            return
+            return None
+        if p.policy is not self.rt.policy and p.analysis is not None:
+            return self._bind_redecided(be, payload, sname, p)
         server = self._ensure(be, p, bool(sname))
         body = payload[: i + 1] + server + payload[j:]
         be.pump.expect(Exp(BIND))  # type: ignore[union-attr]
         self._send(b"B" + _U32.pack(len(body) + 4) + body)
         self.portals[payload[:i]] = p
+        return None
+
+    async def _bind_redecided(
+        self, be: BackendConnection, payload: bytes, sname: bytes, old: Prepared
+    ) -> None:
+        """The policy was reloaded since this statement was decided: decide it again before it
+        runs (a revoked table is refused, a new mask or row filter applies; a changed rewrite
+        is prepared on the server under its own name), as if the client had prepared it anew."""
+        try:
+            p = await self._lookup(old.sql.encode("utf-8"), old.types, old.search_path)
+        except ProxyError as e:
+            self._fail_batch(e)
+            return
+        if sname:
+            if self.stmts.get(sname) is old:
+                self.stmts[sname] = p
+        elif self.unnamed is old:
+            self.unnamed = p
+        more = self._bind(self.be or be, payload)
+        if more is not None:
+            await more
 
     def _describe(self, be: BackendConnection, payload: bytes) -> None:
         pump = be.pump

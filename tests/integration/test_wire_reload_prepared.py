@@ -1,0 +1,67 @@
+"""A policy reload reaches statements a client prepared before it: a named statement kept by the
+client (asyncpg's and JDBC's statement caches, psycopg's prepared statements) is decided again at
+its next Bind, so a revoked table is refused and a new mask applies, without the client preparing
+anything again."""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+
+from tests.fix_proxy import ProxyHarness
+from tests.fix_wire import WireFactory
+
+BLOCK_ORDERS = """
+[[policies]]
+name = "analyst-orders-revoked"
+roles = ["analyst"]
+schema = "public"
+table = "orders"
+action = "block"
+"""
+MASK_STATUS = """
+[[policies]]
+name = "analyst-mask-status"
+roles = ["analyst"]
+schema = "public"
+table = "orders"
+columns = ["status"]
+action = "mask"
+mask = "redact"
+"""
+
+
+async def test_a_reload_reaches_statements_prepared_before_it(
+    wire_factory: WireFactory, proxy: ProxyHarness
+) -> None:
+    h = await wire_factory(pool_mode="transaction", server_pool_size=2)
+    text = proxy.config_path.read_text()
+    query = "SELECT id, status FROM orders WHERE id = %s"
+    try:
+        async with await psycopg.AsyncConnection.connect(
+            h.dsn("analyst"), autocommit=True, prepare_threshold=0
+        ) as conn:
+            cur = await conn.execute(query, (1,))
+            (_, status) = await cur.fetchone() or (None, None)
+            assert status is not None and "*" not in status
+            # A new mask: the same prepared statement now returns the masked value.
+            proxy.config_path.write_text(text + MASK_STATUS)
+            proxy.runtime.reload()
+            cur = await conn.execute(query, (1,))
+            row = await cur.fetchone()
+            assert row is not None and row[0] == 1 and row[1] != status, row
+            # Revoked: refused with the new rule, statement after statement.
+            proxy.config_path.write_text(text + BLOCK_ORDERS)
+            proxy.runtime.reload()
+            for _ in range(2):
+                with pytest.raises(psycopg.errors.InsufficientPrivilege) as ei:
+                    await conn.execute(query, (1,))
+                assert "analyst-orders-revoked" in str(ei.value)
+            # Restored: the statement works again, unmasked.
+            proxy.config_path.write_text(text)
+            proxy.runtime.reload()
+            cur = await conn.execute(query, (1,))
+            assert await cur.fetchone() == (1, status)
+    finally:
+        proxy.config_path.write_text(text)
+        proxy.runtime.reload()
