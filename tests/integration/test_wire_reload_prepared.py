@@ -5,6 +5,9 @@ anything again."""
 
 from __future__ import annotations
 
+from decimal import Decimal
+
+import asyncpg
 import psycopg
 import pytest
 
@@ -63,5 +66,49 @@ async def test_a_reload_reaches_statements_prepared_before_it(
             cur = await conn.execute(query, (1,))
             assert await cur.fetchone() == (1, status)
     finally:
+        proxy.config_path.write_text(text)
+        proxy.runtime.reload()
+
+
+MASK_TOTAL = """
+[[policies]]
+name = "analyst-mask-total"
+roles = ["analyst"]
+schema = "public"
+table = "orders"
+columns = ["total"]
+action = "mask"
+mask = "redact"
+"""
+
+
+async def test_a_mask_that_changes_the_result_type_makes_the_client_prepare_again(
+    wire_factory: WireFactory, proxy: ProxyHarness
+) -> None:
+    """A mask is text: on a numeric column it changes the statement's result type, which a
+    client holding the statement's row description (asyncpg) must learn. The proxy answers as
+    PostgreSQL does after such a change (0A000, "cached plan must not change result type"), and
+    asyncpg prepares the statement again by itself."""
+    h = await wire_factory(pool_mode="transaction", server_pool_size=2)
+    text = proxy.config_path.read_text()
+    conn = await asyncpg.connect(h.url("analyst"))
+    try:
+        query = "SELECT id, total FROM orders WHERE id = $1"
+        row = await conn.fetchrow(query, 1)
+        assert row is not None and isinstance(row["total"], Decimal)
+        proxy.config_path.write_text(text + MASK_TOTAL)
+        proxy.runtime.reload()
+        row = await conn.fetchrow(query, 1)  # asyncpg retries after 0A000, with the new type
+        assert row is not None and row["total"] == "***"
+        # A statement object the application holds sees the error itself, once.
+        stmt = await conn.prepare("SELECT total FROM orders WHERE id = $1")
+        assert await stmt.fetchval(2) == "***"
+        proxy.config_path.write_text(text)
+        proxy.runtime.reload()
+        with pytest.raises(asyncpg.exceptions.InvalidCachedStatementError):
+            await stmt.fetchval(2)
+        assert isinstance(await conn.fetchval("SELECT total FROM orders WHERE id = $1", 2), Decimal)
+    finally:
+        await conn.close()
         proxy.config_path.write_text(text)
         proxy.runtime.reload()

@@ -315,6 +315,12 @@ def test_error_response_builder_bytes() -> None:
     pos = E.error_response(E.SYNTAX_ERROR, "syntax error", position=8, detail="d")
     m2 = decode_backend(pos[0], pos[5:])
     assert isinstance(m2, ErrorResponse) and m2.position == 8 and m2.detail == "d"
+    stale = E.error_response(
+        "0A000", "cached plan must not change result type", routine="RevalidateCachedQuery"
+    )
+    assert stale.endswith(b"RRevalidateCachedQuery\x00\x00")
+    m4 = decode_backend(stale[0], stale[5:])
+    assert isinstance(m4, ErrorResponse) and ("R", "RevalidateCachedQuery") in m4.fields
     note = E.notice_response("hello", severity="WARNING")
     m3 = decode_backend(note[0], note[5:])
     assert isinstance(m3, NoticeResponse) and m3.severity == "WARNING"

@@ -106,6 +106,7 @@ def _fields_message(
     detail: str | None,
     hint: str | None,
     position: int | None,
+    routine: str | None = None,
 ) -> bytes:
     if len(sqlstate) != 5 or not sqlstate.isascii() or not sqlstate.isalnum():
         raise LocalProtocolError(f"invalid SQLSTATE {sqlstate!r}")
@@ -122,6 +123,8 @@ def _fields_message(
         parts.append(_field(b"H", hint))
     if position is not None:
         parts.append(_field(b"P", str(position)))
+    if routine is not None:
+        parts.append(_field(b"R", routine))
     body = b"".join(parts) + b"\0"
     return type_code + _I32.pack(len(body) + 4) + body
 
@@ -134,12 +137,15 @@ def error_response(
     detail: str | None = None,
     hint: str | None = None,
     position: int | None = None,
+    routine: str | None = None,
 ) -> bytes:
     """Encoded ErrorResponse ('E'). ``severity`` is ERROR (statement fails, session lives) or
-    FATAL (the session ends after this message)."""
+    FATAL (the session ends after this message). ``routine`` is the R field: the name of the
+    server routine that reported it, which some drivers read (asyncpg tells a stale prepared
+    statement by ``RevalidateCachedQuery``)."""
     if severity not in ("ERROR", "FATAL", "PANIC"):
         raise LocalProtocolError(f"ErrorResponse severity must be ERROR/FATAL/PANIC, not {severity!r}")
-    return _fields_message(b"E", severity, sqlstate, message, detail, hint, position)
+    return _fields_message(b"E", severity, sqlstate, message, detail, hint, position, routine)
 
 
 def fatal_response(

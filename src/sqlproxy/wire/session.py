@@ -1144,8 +1144,8 @@ class WireSession(asyncio.Protocol, PumpOwner):
         be.pump.expect(Exp(SYNC))
         self._send(b"S\x00\x00\x00\x04")
 
-    def _fail_batch(self, e: ProxyError) -> None:
-        err = error_response(e.sqlstate, e.message, position=e.position)
+    def _fail_batch(self, e: ProxyError, *, routine: str | None = None) -> None:
+        err = error_response(e.sqlstate, e.message, position=e.position, routine=routine)
         be = self.be
         self.discard = True
         if be is None or be.pump is None:
@@ -1315,11 +1315,35 @@ class WireSession(asyncio.Protocol, PumpOwner):
         if sname:
             if self.stmts.get(sname) is old:
                 self.stmts[sname] = p
+            if self._result_type_may_change(old, p):
+                # As PostgreSQL answers when a prepared statement's result type changed under
+                # it: a client that keeps the statement's row description (asyncpg, JDBC)
+                # prepares it again; the statement in place is already the new one.
+                self._fail_batch(
+                    ProxyError("cached plan must not change result type", sqlstate="0A000"),
+                    routine="RevalidateCachedQuery",  # PostgreSQL's, by which asyncpg knows it
+                )
+                return
         elif self.unnamed is old:
             self.unnamed = p
         more = self._bind(self.be or be, payload)
         if more is not None:
             await more
+
+    def _result_type_may_change(self, old: Prepared, new: Prepared) -> bool:
+        """Masks are text: a mask added to or lifted from a column of another type changes the
+        statement's result type."""
+        if old.decision is None or new.decision is None or old.decision.masks == new.decision.masks:
+            return False
+        up = self.rt.upstreams.get(self.database or "")
+        catalog = up.catalog if up is not None else None
+        changed = set(old.decision.masks.items()) ^ set(new.decision.masks.items())
+        for src, _kind in changed:
+            rel = catalog.lookup(src.table.schema, src.table.name) if catalog is not None else None
+            col = next((c for c in rel.columns if c.name == src.column), None) if rel is not None else None
+            if col is None or col.type != "text":
+                return True
+        return False
 
     def _describe(self, be: BackendConnection, payload: bytes) -> None:
         pump = be.pump
