@@ -112,3 +112,32 @@ async def test_a_mask_that_changes_the_result_type_makes_the_client_prepare_agai
         await conn.close()
         proxy.config_path.write_text(text)
         proxy.runtime.reload()
+
+
+async def test_a_reload_reaches_the_identity_of_sessions_already_open(
+    wire_factory: WireFactory, proxy: ProxyHarness
+) -> None:
+    """Roles and attributes are read at login; a reload that changes them applies to sessions
+    already open from their next statement, and one that disables the user ends them."""
+    h = await wire_factory(pool_mode="transaction", server_pool_size=2)
+    text = proxy.config_path.read_text()
+    analyst = '[users.analyst]\nroles = ["analyst"]'
+    assert analyst in text
+    try:
+        async with await psycopg.AsyncConnection.connect(h.dsn("analyst"), autocommit=True) as conn:
+            cur = await conn.execute("SELECT DISTINCT region FROM customers")
+            assert {r[0] for r in await cur.fetchall()} == {"eu"}  # the analyst role's row filter
+            # Now a developer: no region filter (and the developer's hashed e-mail).
+            proxy.config_path.write_text(text.replace(analyst, '[users.analyst]\nroles = ["developer"]'))
+            proxy.runtime.reload()
+            cur = await conn.execute("SELECT DISTINCT region FROM customers")
+            assert len({r[0] for r in await cur.fetchall()}) > 1
+            # Disabled: the session ends at its next statement.
+            proxy.config_path.write_text(text.replace(analyst, analyst + "\ndisabled = true"))
+            proxy.runtime.reload()
+            with pytest.raises(psycopg.OperationalError, match="no longer enabled"):
+                await conn.execute("SELECT 1")
+            assert conn.closed or conn.broken
+    finally:
+        proxy.config_path.write_text(text)
+        proxy.runtime.reload()

@@ -246,6 +246,8 @@ class WireSession(asyncio.Protocol, PumpOwner):
         self.discard = False  # the proxy failed the extended batch: drop messages until Sync
         self.simple_active = False
         self.stmts: dict[bytes, Prepared] = {}
+        # The users the identity was taken from; a reload replaces them (see _refresh_identity).
+        self._users: object = None
         # Cursors declared in this session, by name: their query's lineage, for FETCH's records.
         self.cursors: dict[str, tuple[OutputColumn, ...]] = {}
         self.unnamed: Prepared | None = None
@@ -364,6 +366,25 @@ class WireSession(asyncio.Protocol, PumpOwner):
             raise Fatal("25P03", "terminating connection due to idle-in-transaction timeout")
         if self._eof and not self.dec.buffered:
             raise ClientGone
+        if self.rt.users is not self._users:
+            self._refresh_identity()
+
+    def _refresh_identity(self) -> None:
+        """A reload replaced the users: the session's roles and attributes are the ones now
+        configured (the policy decides with them from the next statement on), and a user who
+        was removed or disabled is disconnected, as an administrator's terminate would."""
+        users = self.rt.users
+        self._users = users
+        ident = self.identity
+        if ident is None:
+            return
+        new = users.identity(ident.name)
+        if new is None or users.is_disabled(ident.name):
+            raise Fatal(
+                "57P01",
+                f'terminating connection: user "{ident.name}" is no longer enabled in the configuration',
+            )
+        self.identity = new
 
     def _write(self, data: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():
@@ -621,6 +642,7 @@ class WireSession(asyncio.Protocol, PumpOwner):
             raise Fatal("28P01", f'password authentication failed for user "{user}"')
         lock.reset(user_key)
         self.identity = users.identity(user)
+        self._users = users
 
     def _certificate_cn(self) -> str | None:
         """The common name of the client's certificate, verified during the TLS handshake
