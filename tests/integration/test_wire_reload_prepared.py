@@ -118,7 +118,8 @@ async def test_a_reload_reaches_the_identity_of_sessions_already_open(
     wire_factory: WireFactory, proxy: ProxyHarness
 ) -> None:
     """Roles and attributes are read at login; a reload that changes them applies to sessions
-    already open from their next statement, and one that disables the user ends them."""
+    already open from their next statement, and one that disables the user, or no longer allows
+    them from this address, ends them."""
     h = await wire_factory(pool_mode="transaction", server_pool_size=2)
     text = proxy.config_path.read_text()
     analyst = '[users.analyst]\nroles = ["analyst"]'
@@ -135,9 +136,18 @@ async def test_a_reload_reaches_the_identity_of_sessions_already_open(
             # Disabled: the session ends at its next statement.
             proxy.config_path.write_text(text.replace(analyst, analyst + "\ndisabled = true"))
             proxy.runtime.reload()
-            with pytest.raises(psycopg.OperationalError, match="no longer enabled"):
+            with pytest.raises(psycopg.OperationalError, match="may no longer connect"):
                 await conn.execute("SELECT 1")
             assert conn.closed or conn.broken
+        # No longer allowed from this address: the same.
+        proxy.config_path.write_text(text)
+        proxy.runtime.reload()
+        async with await psycopg.AsyncConnection.connect(h.dsn("analyst"), autocommit=True) as conn:
+            await conn.execute("SELECT 1")
+            proxy.config_path.write_text(text.replace(analyst, analyst + '\nallowed_cidrs = ["10.9.9.0/24"]'))
+            proxy.runtime.reload()
+            with pytest.raises(psycopg.OperationalError, match="may no longer connect"):
+                await conn.execute("SELECT 1")
     finally:
         proxy.config_path.write_text(text)
         proxy.runtime.reload()

@@ -372,17 +372,22 @@ class WireSession(asyncio.Protocol, PumpOwner):
     def _refresh_identity(self) -> None:
         """A reload replaced the users: the session's roles and attributes are the ones now
         configured (the policy decides with them from the next statement on), and a user who
-        was removed or disabled is disconnected, as an administrator's terminate would."""
+        was removed or disabled, or may no longer connect from this address, is disconnected,
+        as an administrator's terminate would."""
         users = self.rt.users
         self._users = users
         ident = self.identity
         if ident is None:
             return
         new = users.identity(ident.name)
-        if new is None or users.is_disabled(ident.name):
+        if (
+            new is None
+            or users.is_disabled(ident.name)
+            or not users.source_allowed(ident.name, self.source_ip)
+        ):
             raise Fatal(
                 "57P01",
-                f'terminating connection: user "{ident.name}" is no longer enabled in the configuration',
+                f'terminating connection: user "{ident.name}" may no longer connect (configuration reloaded)',
             )
         self.identity = new
 
