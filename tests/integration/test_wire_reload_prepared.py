@@ -22,13 +22,17 @@ schema = "public"
 table = "orders"
 action = "block"
 """
-MASK_STATUS = """
+
+
+def mask_orders_column(column: str) -> str:
+    """A rule masking orders.<column> for the analyst role (redacted: text, whatever the type)."""
+    return f"""
 [[policies]]
-name = "analyst-mask-status"
+name = "analyst-mask-{column}"
 roles = ["analyst"]
 schema = "public"
 table = "orders"
-columns = ["status"]
+columns = ["{column}"]
 action = "mask"
 mask = "redact"
 """
@@ -48,7 +52,7 @@ async def test_a_reload_reaches_statements_prepared_before_it(
             (_, status) = await cur.fetchone() or (None, None)
             assert status is not None and "*" not in status
             # A new mask: the same prepared statement now returns the masked value.
-            proxy.config_path.write_text(text + MASK_STATUS)
+            proxy.config_path.write_text(text + mask_orders_column("status"))
             proxy.runtime.reload()
             cur = await conn.execute(query, (1,))
             row = await cur.fetchone()
@@ -70,18 +74,6 @@ async def test_a_reload_reaches_statements_prepared_before_it(
         proxy.runtime.reload()
 
 
-MASK_TOTAL = """
-[[policies]]
-name = "analyst-mask-total"
-roles = ["analyst"]
-schema = "public"
-table = "orders"
-columns = ["total"]
-action = "mask"
-mask = "redact"
-"""
-
-
 async def test_a_mask_that_changes_the_result_type_makes_the_client_prepare_again(
     wire_factory: WireFactory, proxy: ProxyHarness
 ) -> None:
@@ -96,7 +88,7 @@ async def test_a_mask_that_changes_the_result_type_makes_the_client_prepare_agai
         query = "SELECT id, total FROM orders WHERE id = $1"
         row = await conn.fetchrow(query, 1)
         assert row is not None and isinstance(row["total"], Decimal)
-        proxy.config_path.write_text(text + MASK_TOTAL)
+        proxy.config_path.write_text(text + mask_orders_column("total"))
         proxy.runtime.reload()
         row = await conn.fetchrow(query, 1)  # asyncpg retries after 0A000, with the new type
         assert row is not None and row["total"] == "***"
