@@ -140,6 +140,15 @@ async def test_a_reload_reaches_the_identity_of_sessions_already_open(
             proxy.runtime.reload()
             with pytest.raises(psycopg.OperationalError, match="may no longer connect"):
                 await conn.execute("SELECT 1")
+        # Each ending is audited, with the user and the reason.
+        await proxy.runtime.audit.flush()
+        store = proxy.runtime.audit.store
+        assert store is not None
+        ended = [r for r in await store.query(user="analyst", limit=20) if r.sqlstate == "57P01"]
+        assert len(ended) == 2
+        assert all(
+            r.decision == "unauthenticated" and "may no longer connect" in (r.error or "") for r in ended
+        )
     finally:
         proxy.config_path.write_text(text)
         proxy.runtime.reload()

@@ -366,30 +366,44 @@ class WireSession(asyncio.Protocol, PumpOwner):
             raise Fatal("25P03", "terminating connection due to idle-in-transaction timeout")
         if self._eof and not self.dec.buffered:
             raise ClientGone
-        if self.rt.users is not self._users:
-            self._refresh_identity()
+        if self.rt.users is not self._users and not self._refresh_identity():
+            assert self.identity is not None
+            message = (
+                f'terminating connection: user "{self.identity.name}" may no longer connect '
+                "(configuration reloaded)"
+            )
+            req = Request(
+                door="wire",
+                sql=None,
+                source_ip=self.source_ip,
+                source_port=self.source_port,
+                source_text=self.source_text,
+                database=self.database,
+                identity=self.identity,
+            )
+            req.error = Unauthenticated(message, sqlstate="57P01")
+            await asyncio.shield(self.rt.audit_request(req))
+            raise Fatal("57P01", message)
 
-    def _refresh_identity(self) -> None:
-        """A reload replaced the users: the session's roles and attributes are the ones now
-        configured (the policy decides with them from the next statement on), and a user who
-        was removed or disabled, or may no longer connect from this address, is disconnected,
-        as an administrator's terminate would."""
+    def _refresh_identity(self) -> bool:
+        """A reload replaced the users: the session's roles and attributes become the ones now
+        configured (the policy decides with them from the next statement on). False when the
+        user was removed or disabled, or may no longer connect from this address: the session
+        is then ended, as an administrator's terminate would, and audited."""
         users = self.rt.users
         self._users = users
         ident = self.identity
         if ident is None:
-            return
+            return True
         new = users.identity(ident.name)
         if (
             new is None
             or users.is_disabled(ident.name)
             or not users.source_allowed(ident.name, self.source_ip)
         ):
-            raise Fatal(
-                "57P01",
-                f'terminating connection: user "{ident.name}" may no longer connect (configuration reloaded)',
-            )
+            return False
         self.identity = new
+        return True
 
     def _write(self, data: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():
