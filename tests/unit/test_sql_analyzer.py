@@ -281,6 +281,43 @@ def test_set_config_with_a_literal_name_is_a_setting(
     assert s.literal_bound is (not sql.startswith("SELECT app."))
 
 
+# The catalog's own tables and views, as far as these tests need them.
+SYSTEM = Catalog.from_dict(
+    {
+        "pg_catalog.pg_authid": {"columns": ["oid", "rolname", "rolsuper", "rolpassword"]},
+        "pg_catalog.pg_roles": {
+            "kind": "view",
+            "columns": ["rolname", "rolpassword"],
+            "definition": "SELECT rolname, '********'::text AS rolpassword FROM pg_catalog.pg_authid",
+        },
+        "pg_catalog.pg_stat_activity": {"columns": ["pid", "state", "query"]},
+        "pg_catalog.pg_stats": {"columns": ["tablename", "attname", "n_distinct", "most_common_vals"]},
+    }
+)
+
+
+@pytest.mark.parametrize(
+    ("sql", "secret"),
+    [
+        ("SELECT rolname, rolpassword FROM pg_authid", True),
+        ("SELECT * FROM pg_catalog.pg_authid", True),
+        ("SELECT a FROM pg_authid a", True),
+        ("SELECT (SELECT rolpassword FROM pg_authid LIMIT 1)", True),
+        ("SELECT query FROM pg_stat_activity", True),
+        ("SELECT most_common_vals FROM pg_stats WHERE tablename = 'employees'", True),
+        # Metadata only, or a view that does not show the secret it reads.
+        ("SELECT rolname, rolsuper FROM pg_authid", False),
+        ("SELECT count(*) FROM pg_authid", False),
+        ("SELECT rolname, rolpassword FROM pg_roles", False),
+        ("SELECT pid, state FROM pg_stat_activity", False),
+        ("SELECT attname, n_distinct FROM pg_stats", False),
+    ],
+)
+def test_catalog_secrets(sql: str, secret: bool) -> None:
+    s = analyze(sql, SYSTEM, PATH).statements[0]
+    assert ("catalog_secrets" in s.dangers) is secret
+
+
 def test_functions_in_ddl_defaults_and_call() -> None:
     assert "nextval" in one("CREATE TABLE x (id int DEFAULT nextval('s'))").functions
     assert (

@@ -70,6 +70,7 @@ DANGER_MARKERS: frozenset[str] = frozenset(
         "security_label",
         "create_tablespace",  # a server directory
         "prepare_transaction",  # outlives the session and holds its locks
+        "catalog_secrets",  # password hashes, sampled column values, other sessions' statements
     }
 )
 
@@ -85,6 +86,9 @@ _DANGEROUS_GLOBS: tuple[str, ...] = (
     "lo_*",
     "loread",
     "lowrite",
+    # other sessions' statements, with their literals (every proxy user is the same server role)
+    "pg_stat_get_activity",
+    "pg_stat_get_backend_activity",
     # SQL from strings, tables by name
     "query_to_xml*",
     "cursor_to_xml*",

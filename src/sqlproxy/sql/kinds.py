@@ -33,6 +33,11 @@ database_wide          VACUUM/ANALYZE/CLUSTER/REINDEX with no relation named (wh
 truncate_cascade       TRUNCATE ... CASCADE (truncates referencing tables not named)
 server_file_function   a call of a function that reads or writes server files or large objects
                        (pg_read_file, pg_ls_dir, lo_import, lo_export, ...)
+catalog_secrets        a read of a catalog column holding secrets or other users' data rather
+                       than metadata: password hashes (pg_authid, pg_shadow), user-mapping
+                       and subscription connection options, the sample values of column
+                       statistics (pg_statistic, pg_stats, extended statistics), other
+                       sessions' statements (pg_stat_activity.query), large object data
 unanalyzed             a statement or FROM item whose node type the analyser does not know
 =====================  =========================================================================
 
@@ -173,6 +178,27 @@ STATEMENT_DANGERS: dict[str, str] = {
 # DefineStmt covers CREATE AGGREGATE/OPERATOR/TYPE/COLLATION/TEXT SEARCH ...; only the first two
 # attach code.
 DEFINE_CODE_KINDS = frozenset({"OBJECT_AGGREGATE", "OBJECT_OPERATOR"})
+
+# Catalog columns that hold secrets or other users' data, not metadata (``catalog_secrets``).
+# PostgreSQL hides them per role, but every proxy user reaches the server as the proxy's one role
+# (often a superuser): a rule granting pg_catalog reads for drivers' introspection must not hand
+# out password hashes, sampled column values (a blocked salary column's most common values) or
+# another user's statement with its literals. Read through a view, they show as the view's base
+# columns, so pg_roles (which masks rolpassword) and pg_user stay plain reads.
+CATALOG_SECRETS: dict[str, frozenset[str]] = {
+    "pg_authid": frozenset({"rolpassword"}),
+    "pg_shadow": frozenset({"passwd"}),
+    "pg_user_mapping": frozenset({"umoptions"}),
+    "pg_user_mappings": frozenset({"umoptions"}),
+    "pg_subscription": frozenset({"subconninfo"}),
+    "pg_statistic": frozenset(f"stavalues{i}" for i in range(1, 6)),
+    "pg_stats": frozenset({"most_common_vals", "histogram_bounds", "most_common_elems"}),
+    "pg_statistic_ext_data": frozenset({"stxdmcv", "stxdexpr"}),
+    "pg_stats_ext": frozenset({"most_common_vals"}),
+    "pg_stats_ext_exprs": frozenset({"most_common_vals", "histogram_bounds", "most_common_elems"}),
+    "pg_stat_activity": frozenset({"query"}),
+    "pg_largeobject": frozenset({"data"}),
+}
 
 # Functions reaching the server's file system or large objects (which lo_export writes out).
 SERVER_FILE_FUNCTIONS = frozenset(

@@ -18,7 +18,7 @@ from pglast.enums import CmdType, LockClauseStrength, OnConflictAction, SetOpera
 from pglast.parser import ParseError, parse_sql
 
 from sqlproxy.sql.catalog import Catalog
-from sqlproxy.sql.kinds import SERVER_FILE_FUNCTIONS
+from sqlproxy.sql.kinds import CATALOG_SECRETS, SERVER_FILE_FUNCTIONS
 from sqlproxy.sql.model import Access, ColumnSource, RelationAccess, TableName
 from sqlproxy.sql.naming import figure_colname, string_fields
 from sqlproxy.sql.scope import Col, CteDef, Entry, Scope
@@ -59,11 +59,24 @@ class Accumulator:
     literal_bound: bool = False
 
     def access(
-        self, table: TableName, access: Access, columns: Iterable[str] = (), known: bool = True
+        self,
+        table: TableName,
+        access: Access,
+        columns: Iterable[str] = (),
+        known: bool = True,
+        *,
+        through_view: bool = False,
     ) -> None:
-        self.accesses.setdefault((table, access), set()).update(columns)
+        cols = self.accesses.setdefault((table, access), set())
+        cols.update(columns)
         if not known:
             self.unknown.add(table)
+        # Secrets count where the statement names them: a view's base columns are those of its
+        # whole definition (pg_roles reads pg_authid, but not rolpassword to show it).
+        if table.schema == "pg_catalog" and access is Access.READ and not through_view:
+            secret = CATALOG_SECRETS.get(table.name)
+            if secret is not None and not secret.isdisjoint(cols):
+                self.dangers.add("catalog_secrets")
 
     def read(self, table: TableName, column: str) -> None:
         self.access(table, Access.READ, (column,))
@@ -142,7 +155,7 @@ class QueryWalker:
             # apply through the view (a view must not be a way around them). Over-reports the
             # columns of the view's definition, never under-reports.
             for base in self.catalog._view_memo.get(("reads", tn), ()):
-                self.acc.access(base.table, base.access, base.columns, known=base.known)
+                self.acc.access(base.table, base.access, base.columns, known=base.known, through_view=True)
             return [
                 Col(name, sources, direct, ((tn, name),))
                 for name, (sources, direct) in zip(rel.column_names, lineage, strict=True)
