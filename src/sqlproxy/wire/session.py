@@ -372,18 +372,23 @@ class WireSession(asyncio.Protocol, PumpOwner):
                 f'terminating connection: user "{self.identity.name}" may no longer connect '
                 "(configuration reloaded)"
             )
-            req = Request(
-                door="wire",
-                sql=None,
-                source_ip=self.source_ip,
-                source_port=self.source_port,
-                source_text=self.source_text,
-                database=self.database,
-                identity=self.identity,
-            )
+            req = self._request(None, self.search_path)
             req.error = Unauthenticated(message, sqlstate="57P01")
             await asyncio.shield(self.rt.audit_request(req))
             raise Fatal("57P01", message)
+
+    def _request(self, sql: str | None, search_path: tuple[str, ...] | None) -> Request:
+        """A pipeline request from this session's client."""
+        return Request(
+            door="wire",
+            sql=sql,
+            source_ip=self.source_ip,
+            source_port=self.source_port,
+            source_text=self.source_text,
+            database=self.database,
+            identity=self.identity,
+            search_path=search_path,
+        )
 
     def _refresh_identity(self) -> bool:
         """A reload replaced the users: the session's roles and attributes become the ones now
@@ -893,16 +898,7 @@ class WireSession(asyncio.Protocol, PumpOwner):
         if not sql.strip():
             self._reply(_EMPTY_QUERY + _READY[self.status])
             return
-        req = Request(
-            door="wire",
-            sql=sql,
-            source_ip=self.source_ip,
-            source_port=self.source_port,
-            source_text=self.source_text,
-            database=self.database,
-            identity=self.identity,
-            search_path=self.search_path,
-        )
+        req = self._request(sql, self.search_path)
         req.executor = self._execute_simple
         if self.cursors:
             req.cursors = self.cursors
@@ -1218,16 +1214,7 @@ class WireSession(asyncio.Protocol, PumpOwner):
             sql = sql_b.decode("utf-8")
         except UnicodeDecodeError:
             raise ProxyError('invalid byte sequence for encoding "UTF8"', sqlstate="22021") from None
-        req = Request(
-            door="wire",
-            sql=sql,
-            source_ip=self.source_ip,
-            source_port=self.source_port,
-            source_text=self.source_text,
-            database=self.database,
-            identity=self.identity,
-            search_path=path,
-        )
+        req = self._request(sql, path)
         req.extra["protocol"] = "parse"
         try:
             p = await self.server.decider.decide(req, types)
@@ -1428,16 +1415,7 @@ class WireSession(asyncio.Protocol, PumpOwner):
         self._execute(self.be or be, payload)
 
     def _execute_request(self, p: Prepared) -> Request:
-        req = Request(
-            door="wire",
-            sql=p.sql,
-            source_ip=self.source_ip,
-            source_port=self.source_port,
-            source_text=self.source_text,
-            database=self.database,
-            identity=self.identity,
-            search_path=p.search_path,
-        )
+        req = self._request(p.sql, p.search_path)
         req.analysis = p.analysis
         req.decision = p.decision
         req.statements = p.statements
