@@ -252,7 +252,7 @@ class Upstream:
         timeout = self.config.statement_timeout_ms if timeout_ms is None else timeout_ms
         results: list[StatementResult] = []
         try:
-            async with pool.acquire(timeout=self.config.connect_timeout_s) as conn:
+            async with request_connection(pool, self.config.connect_timeout_s, session_state) as conn:
                 try:
                     await conn.execute(_begin_script(timeout, user))
                     for sql in statements:
@@ -260,17 +260,14 @@ class Upstream:
                         results.append(await self._run_one(conn, sql, cap, args))
                     await conn.execute("COMMIT")
                 except BaseException:
-                    if not conn.is_closed():
-                        if session_state:
+                    # A connection that keeps no session state goes back to the pool, rolled back
+                    # (request_connection ends the others).
+                    if not session_state and not conn.is_closed() and conn.is_in_transaction():
+                        try:
+                            await asyncio.shield(conn.execute("ROLLBACK"))
+                        except Exception:  # a broken connection must not mask the error
                             conn.terminate()
-                        elif conn.is_in_transaction():
-                            try:
-                                await asyncio.shield(conn.execute("ROLLBACK"))
-                            except Exception:  # a broken connection must not mask the error
-                                conn.terminate()
                     raise
-                if session_state:
-                    await conn.close(timeout=self.config.connect_timeout_s)
         except BaseException as e:
             if isinstance(e, asyncio.CancelledError):
                 raise
